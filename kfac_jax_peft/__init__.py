@@ -1,0 +1,43 @@
+"""kfac_jax_peft: K-FAC as optax transformations for parameter-efficient fine-tuning.
+
+The public API:
+
+* capture: :class:`KFACDense`, :func:`dense`, :func:`capture`,
+  :func:`kfac_value_and_grad`, :class:`LayerStats`;
+* transformations: :func:`kfac_precondition`, :func:`clip_by_update_norm`,
+  :func:`clip_by_fisher_norm`;
+* the paper's optimizer: :func:`kfac`.
+"""
+
+from kfac_jax_peft.capture import (
+    KFACDense,
+    LayerStats,
+    capture,
+    dense,
+    kfac_value_and_grad,
+    layer_stats,
+    zeros_stats,
+)
+from kfac_jax_peft.clipping import ClipState, clip_by_fisher_norm, clip_by_update_norm, clip_stats
+from kfac_jax_peft.kfac import KFACState, LayerState, kfac_precondition
+from kfac_jax_peft.optimizers import kfac
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClipState",
+    "KFACDense",
+    "KFACState",
+    "LayerState",
+    "LayerStats",
+    "capture",
+    "clip_by_fisher_norm",
+    "clip_by_update_norm",
+    "clip_stats",
+    "dense",
+    "kfac",
+    "kfac_precondition",
+    "kfac_value_and_grad",
+    "layer_stats",
+    "zeros_stats",
+]

@@ -1,0 +1,179 @@
+"""Curvature inversion and the preconditioned direction of one layer.
+
+For a layer with (bias-corrected) factors ``A`` (``[d_a, d_a]``) and ``G``
+(``[d_g, d_g]``) and a gradient ``V`` in the kernel's ``[d_a, d_g]`` layout
+(a bias gradient appended as the last row), the Fisher block is
+``A kron G`` acting on ``vec(V)`` (row-major), i.e. ``V -> A V G``.
+
+Two damping modes:
+
+``exact``
+    ``u = (A kron G + lambda I)^-1 vec(V)``, computed in the Kronecker
+    eigenbasis: with ``A = Q_A diag(a) Q_A^T`` and ``G = Q_G diag(g) Q_G^T``,
+    ``U = Q_A [(Q_A^T V Q_G) / (a g^T + lambda)] Q_G^T``. The inversion
+    stores eigenvectors and eigenvalues only, so ``lambda`` may change every
+    step (a schedule) without a new decomposition. Negative eigenvalues from
+    round-off are clipped to zero.
+
+``factored``
+    Martens and Grosse's pi-adjusted factored Tikhonov damping:
+    ``u = (A + pi sqrt(lambda) I)^-1 V (G + sqrt(lambda)/pi I)^-1`` with
+    ``pi = sqrt((tr(A) / d_a) / (tr(G) / d_g))``; ``pi = 1`` when either
+    trace is zero (LoRA's zero-initialised ``B`` makes ``G`` of the ``A``
+    projection vanish at the start, where kfac-jax produces NaN). The two
+    inverses are computed by Cholesky, by ``eigh``, or by Newton-Schulz
+    iterations ``X <- X (2 I - M X)`` warm-started from the previous inverse,
+    matmul-only, falling back to Cholesky when the warm start does not
+    contract (residual ``||I - M X||_F / sqrt(d) > ns_tolerance``).
+
+Matrices of equal size are stacked and inverted in one batched call.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+HP = jax.lax.Precision.HIGHEST
+
+DAMPING_MODES = ("exact", "factored")
+INVERSE_METHODS = ("cholesky", "eigh", "newton_schulz")
+
+
+class Eigen(NamedTuple):
+    """Eigendecompositions of both factors (``exact`` damping)."""
+
+    qa: jnp.ndarray
+    a: jnp.ndarray
+    qg: jnp.ndarray
+    g: jnp.ndarray
+
+
+class Inverses(NamedTuple):
+    """Damped factor inverses (``factored`` damping)."""
+
+    a_inv: jnp.ndarray
+    g_inv: jnp.ndarray
+
+
+def zeros_curvature(d_a: int, d_g: int, mode: str, dtype):
+    if mode == "exact":
+        return Eigen(jnp.eye(d_a, dtype=dtype), jnp.zeros((d_a,), dtype),
+                     jnp.eye(d_g, dtype=dtype), jnp.zeros((d_g,), dtype))
+    return Inverses(jnp.eye(d_a, dtype=dtype), jnp.eye(d_g, dtype=dtype))
+
+
+def pi_adjustment(A: jnp.ndarray, G: jnp.ndarray) -> jnp.ndarray:
+    """``sqrt((tr A / d_a) / (tr G / d_g))``, or 1 where a trace vanishes."""
+    ta = jnp.trace(A) / A.shape[0]
+    tg = jnp.trace(G) / G.shape[0]
+    tiny = jnp.finfo(A.dtype).tiny
+    ok = (ta > tiny) & (tg > tiny) & jnp.isfinite(ta) & jnp.isfinite(tg)
+    return jnp.where(ok, jnp.sqrt(jnp.where(ok, ta / jnp.where(ok, tg, 1.0), 1.0)), 1.0)
+
+
+def _grouped(mats: Sequence[jnp.ndarray], fn: Callable) -> list:
+    """Apply a batched ``fn`` to matrices grouped by shape; results in order."""
+    groups: dict = {}
+    for i, m in enumerate(mats):
+        groups.setdefault(m.shape, []).append(i)
+    out: list = [None] * len(mats)
+    for idx in groups.values():
+        res = fn(jnp.stack([mats[i] for i in idx]))
+        for j, i in enumerate(idx):
+            out[i] = jax.tree_util.tree_map(lambda r, j=j: r[j], res)
+    return out
+
+
+def _sym(m):
+    return 0.5 * (m + jnp.swapaxes(m, -1, -2))
+
+
+def batched_eigh(mats: jnp.ndarray):
+    vals, vecs = jnp.linalg.eigh(_sym(mats))
+    return vecs, jnp.maximum(vals, 0.0)
+
+
+def batched_cholesky_inverse(mats: jnp.ndarray) -> jnp.ndarray:
+    eye = jnp.broadcast_to(jnp.eye(mats.shape[-1], dtype=mats.dtype), mats.shape)
+    chol = jnp.linalg.cholesky(_sym(mats))
+    return jax.scipy.linalg.cho_solve((chol, True), eye)
+
+
+def batched_eigh_inverse(mats: jnp.ndarray) -> jnp.ndarray:
+    vals, vecs = jnp.linalg.eigh(_sym(mats))
+    return jnp.einsum("...ij,...j,...kj->...ik", vecs, 1.0 / vals, vecs, precision=HP)
+
+
+def newton_schulz(mats: jnp.ndarray, x0: jnp.ndarray, iterations: int, tolerance: float):
+    """Refine ``x0 ~= mats^-1`` by Newton-Schulz; Cholesky where it fails."""
+    d = mats.shape[-1]
+    eye = jnp.eye(d, dtype=mats.dtype)
+
+    def residual(x):
+        r = eye - jnp.matmul(mats, x, precision=HP)
+        return jnp.sqrt(jnp.sum(r * r, axis=(-1, -2)) / d)
+
+    ok0 = jnp.all(residual(x0) < tolerance)
+
+    def refine(_):
+        x = x0
+        for _ in range(iterations):
+            x = jnp.matmul(x, 2 * eye - jnp.matmul(mats, x, precision=HP), precision=HP)
+        return _sym(x)
+
+    return jax.lax.cond(ok0, refine, lambda _: batched_cholesky_inverse(mats), None)
+
+
+def invert(factors: Sequence[tuple], previous: Sequence, mode: str, method: str,
+           damping, ns_iterations: int = 2, ns_tolerance: float = 0.5) -> list:
+    """New curvature representations for a list of ``(A, G)`` factor pairs.
+
+    ``previous`` holds the current representations (the warm start of the
+    Newton-Schulz method); ``damping`` is used only by ``factored`` mode.
+    """
+    if mode == "exact":
+        mats = [m for ag in factors for m in ag]
+        dec = _grouped(mats, batched_eigh)
+        return [Eigen(dec[2 * i][0], dec[2 * i][1], dec[2 * i + 1][0], dec[2 * i + 1][1])
+                for i in range(len(factors))]
+    damped = []
+    for A, G in factors:
+        pi = pi_adjustment(A, G)
+        sd = jnp.sqrt(jnp.asarray(damping, A.dtype))
+        damped.append(A + pi * sd * jnp.eye(A.shape[0], dtype=A.dtype))
+        damped.append(G + sd / pi * jnp.eye(G.shape[0], dtype=G.dtype))
+    if method == "cholesky":
+        inv = _grouped(damped, batched_cholesky_inverse)
+    elif method == "eigh":
+        inv = _grouped(damped, batched_eigh_inverse)
+    else:
+        prev = [m for p in previous for m in p]
+        pairs = list(zip(damped, prev))
+        groups: dict = {}
+        for i, (m, _) in enumerate(pairs):
+            groups.setdefault(m.shape, []).append(i)
+        inv = [None] * len(pairs)
+        for idx in groups.values():
+            res = newton_schulz(jnp.stack([pairs[i][0] for i in idx]),
+                                jnp.stack([pairs[i][1] for i in idx]),
+                                ns_iterations, ns_tolerance)
+            for j, i in enumerate(idx):
+                inv[i] = res[j]
+    return [Inverses(inv[2 * i], inv[2 * i + 1]) for i in range(len(factors))]
+
+
+def precondition(v: jnp.ndarray, curv, damping) -> jnp.ndarray:
+    """The preconditioned ``[d_a, d_g]`` direction (see the module doc)."""
+    v = v.astype(curv[0].dtype)
+    if isinstance(curv, Eigen):
+        t = jnp.matmul(jnp.matmul(curv.qa.T, v, precision=HP), curv.qg, precision=HP)
+        t = t / (curv.a[:, None] * curv.g[None, :] + damping)
+        return jnp.matmul(jnp.matmul(curv.qa, t, precision=HP), curv.qg.T, precision=HP)
+    return jnp.matmul(jnp.matmul(curv.a_inv, v, precision=HP), curv.g_inv, precision=HP)
+
+
+def is_finite(curv) -> jnp.ndarray:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in curv]))
