@@ -73,7 +73,7 @@ def clip_by_update_norm(max_norm: ScalarOrSchedule) -> optax.GradientTransformat
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         tau = jnp.asarray(_resolve(max_norm, state.count), jnp.float32)
-        norm = optax.global_norm(updates).astype(jnp.float32)
+        norm = optax.tree.norm(updates).astype(jnp.float32)
         clipped = jnp.isfinite(norm) & (norm > tau)
         factor = jnp.where(clipped, tau / jnp.where(clipped, norm, 1.0), 1.0)
         return _scale(updates, factor), _next(state, norm, clipped)

@@ -93,8 +93,8 @@ def kfac_precondition(
     damping_mode: str = "exact",
     inverse_method: str = "cholesky",
     axis_name: Optional[str] = None,
-    layer_filter: Callable[[str, Any], bool] = default_layer_filter,
-    factor_dtype: Any = jnp.float32,
+    layer_filter: Optional[Callable[[str, Any], bool]] = None,
+    factor_dtype: Any = "float32",
     ns_iterations: int = 2,
     ns_tolerance: float = 0.5,
 ) -> optax.GradientTransformationExtraArgs:
@@ -144,7 +144,11 @@ def kfac_precondition(
         sums and counts, so the result equals one device on the global
         batch). ``None``: no collective (under ``jit`` with a sharded batch
         the sums are global already). Gradients are not reduced here.
-      layer_filter: ``(path, leaf) -> bool`` choosing the K-FAC layers.
+      layer_filter: ``(path, leaf) -> bool`` choosing the K-FAC layers; ``None``
+        means :func:`default_layer_filter`. (With ``optax.inject_hyperparams``,
+        list a custom filter in ``static_args``: callables are taken for
+        schedules there; likewise ``invert_every`` and ``ns_iterations``, which
+        must stay Python integers.)
       factor_dtype: dtype of factors and inverses (float32 by default,
         whatever the parameter dtype; float64 needs ``jax_enable_x64``).
       ns_iterations, ns_tolerance: Newton-Schulz settings.
@@ -173,6 +177,9 @@ def kfac_precondition(
     if int(invert_every) < 1:
         raise ValueError(f"invert_every must be >= 1, got {invert_every}")
     invert_every = int(invert_every)
+    factor_dtype = jnp.dtype(factor_dtype)
+    if layer_filter is None:
+        layer_filter = default_layer_filter
 
     def init_fn(params):
         layers = {}
