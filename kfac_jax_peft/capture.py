@@ -39,7 +39,8 @@ float64), whatever the activation dtype.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -77,7 +78,7 @@ def zeros_stats(d_in: int, d_out: int, use_bias: bool, dtype=jnp.float32) -> Lay
     )
 
 
-def layer_stats(x: Array, g: Array, mask: Optional[Array], use_bias: bool,
+def layer_stats(x: Array, g: Array, mask: Array | None, use_bias: bool,
                 dtype=jnp.float32) -> LayerStats:
     """Reduced statistics from inputs ``x [..., d_in]`` and output cotangents
     ``g [..., d_out]`` of the same leading shape, with an optional token mask
@@ -141,8 +142,8 @@ def _check_probe(x: Array, y: Array, probe: LayerStats, name: str = "layer"):
                          f"({d_out}, {d_out}) for an output of width {d_out}")
 
 
-def capture(y: Array, x: Array, probe: Optional[LayerStats],
-            mask: Optional[Array] = None) -> Array:
+def capture(y: Array, x: Array, probe: LayerStats | None,
+            mask: Array | None = None) -> Array:
     """Identity on ``y`` whose backward pass writes ``x``/``dL/dy`` statistics
     into the cotangent of ``probe`` (see the module doc). ``probe=None`` is a
     no-op, so inference code needs no probe."""
@@ -156,8 +157,8 @@ def capture(y: Array, x: Array, probe: Optional[LayerStats],
     return _capture(y, x, mask, probe)
 
 
-def dense(x: Array, kernel: Array, bias: Optional[Array] = None, *,
-          probe: Optional[LayerStats] = None, mask: Optional[Array] = None,
+def dense(x: Array, kernel: Array, bias: Array | None = None, *,
+          probe: LayerStats | None = None, mask: Array | None = None,
           precision=None) -> Array:
     """``x @ kernel + bias`` whose K-FAC statistics land in ``probe``'s
     cotangent. ``kernel`` is ``[d_in, d_out]``; ``x`` is ``[..., d_in]``."""
@@ -189,7 +190,7 @@ class KFACDense(nn.Module):
     stats_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
         d_in = x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (d_in, self.features),
                             self.param_dtype)
@@ -215,7 +216,7 @@ LIKELIHOODS = ("categorical", "gaussian")
 
 
 def _fisher_cotangents(outputs: Array, likelihood: str, fisher_type: str,
-                       rng: Optional[Array]) -> Array:
+                       rng: Array | None) -> Array:
     """Output cotangents whose outer products average to the output Fisher.
 
     ``outputs`` is ``[..., C]``; every leading position is one prediction and
@@ -249,7 +250,7 @@ def _fisher_cotangents(outputs: Array, likelihood: str, fisher_type: str,
     return (cot / rows).astype(outputs.dtype)
 
 
-def kfac_value_and_grad(model_fn: Callable, loss_fn: Optional[Callable] = None, *,
+def kfac_value_and_grad(model_fn: Callable, loss_fn: Callable | None = None, *,
                         fisher_type: str = "empirical",
                         likelihood: str = "categorical",
                         has_aux: bool = False) -> Callable:

@@ -13,7 +13,7 @@ clips the gradient before preconditioning (*pre-clipping*), which bounds
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -129,7 +129,7 @@ def clip_by_fisher_norm(max_sq_norm: ScalarOrSchedule,
     return optax.GradientTransformationExtraArgs(_init, update_fn)
 
 
-def clip_stats(opt_state) -> Optional[ClipState]:
+def clip_stats(opt_state) -> ClipState | None:
     """The first :class:`ClipState` found in an optimizer state, or None."""
     for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, ClipState)):
         if isinstance(s, ClipState):

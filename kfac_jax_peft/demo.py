@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -78,8 +78,9 @@ def make_steps(cfg: toy.ToyConfig, frozen, probes, tx) -> tuple[Callable, Callab
     return stats_step, plain_step
 
 
-def train(rc: RunConfig, cfg: toy.ToyConfig = toy.ToyConfig(), data=None, seed: int = 0):
+def train(rc: RunConfig, cfg: toy.ToyConfig | None = None, data=None, seed: int = 0):
     """Train one arm; returns ``(losses, seconds_per_step, final trainable)``."""
+    cfg = cfg or toy.ToyConfig()
     variables = toy.init(cfg, seed=seed)
     if data is None:
         teacher = toy.make_teacher(cfg, variables)
@@ -116,11 +117,16 @@ def steps_to_reach(losses: np.ndarray, target: float, window: int = 10) -> int |
     return int(hit[0]) + 1 if hit.size else None
 
 
+# Tuned on the built-in task (200 steps): AdamW over lr {3e-3, 1e-2, 3e-2};
+# K-FAC + Newton-step clip over lr {0.1, 0.3, 1}, damping {1e-3, 1e-2, 1e-1},
+# max norm {0.3, 1, 3}. The no-clip and pre-clip arms reuse K-FAC's values,
+# as in the paper's Fig. 4.
 ARMS = {
     "AdamW (grad clip)": RunConfig(optimizer="adamw", learning_rate=1e-2, max_norm=1.0),
-    "K-FAC, no clip": RunConfig(clip="none", learning_rate=0.1),
-    "K-FAC, pre-clip": RunConfig(clip="pre", learning_rate=0.1, max_norm=1.0),
-    "K-FAC, Newton-step clip": RunConfig(clip="post", learning_rate=0.1, max_norm=1.0),
+    "K-FAC, no clip": RunConfig(clip="none", learning_rate=0.3, damping=1e-2),
+    "K-FAC, pre-clip": RunConfig(clip="pre", learning_rate=0.3, damping=1e-2, max_norm=1.0),
+    "K-FAC, Newton-step clip": RunConfig(clip="post", learning_rate=0.3, damping=1e-2,
+                                         max_norm=1.0),
 }
 
 

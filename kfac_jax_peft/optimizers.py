@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import optax
 
 from kfac_jax_peft.clipping import clip_by_update_norm
@@ -16,14 +14,14 @@ def kfac(
     learning_rate: ScalarOrSchedule,
     *,
     damping: ScalarOrSchedule = 1e-3,
-    max_update_norm: Optional[ScalarOrSchedule] = 1.0,
+    max_update_norm: ScalarOrSchedule | None = 1.0,
     clip: str = "post",
     weight_decay: float = 1e-4,
     invert_every: int = 1,
     decay: ScalarOrSchedule = 0.95,
     damping_mode: str = "exact",
     inverse_method: str = "cholesky",
-    axis_name: Optional[str] = None,
+    axis_name: str | None = None,
     weight_decay_mask=None,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC with Newton-step clipping, weight decay and a learning rate::

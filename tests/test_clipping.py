@@ -1,6 +1,5 @@
 """Pre- vs post-clipping and the Fisher-norm clip."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

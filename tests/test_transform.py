@@ -122,7 +122,8 @@ def test_jit_compiles_each_trace_once():
 def test_inject_hyperparams_masked_partition():
     params, probes, loss, X, Y = _problem()
     _, grads, stats = kp.kfac_value_and_grad(loss)(params, probes, X, Y)
-    inj = optax.inject_hyperparams(kp.kfac_precondition, static_args=("invert_every", "ns_iterations"))(
+    static = ("invert_every", "ns_iterations")
+    inj = optax.inject_hyperparams(kp.kfac_precondition, static_args=static)(
         damping=1e-2, decay=0.0)
     state = inj.init(params)
     u_inj, state = inj.update(grads, state, params, kfac_stats=stats)

@@ -31,7 +31,8 @@ Matrices of equal size are stacked and inverted in one batched call.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from kfac_jax_peft.capture import LayerStats
 from kfac_jax_peft.kfac import factors as F
 from kfac_jax_peft.kfac import inverse as I
 
-ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
 
 class LayerState(NamedTuple):
@@ -92,8 +93,8 @@ def kfac_precondition(
     invert_every: int = 1,
     damping_mode: str = "exact",
     inverse_method: str = "cholesky",
-    axis_name: Optional[str] = None,
-    layer_filter: Optional[Callable[[str, Any], bool]] = None,
+    axis_name: str | None = None,
+    layer_filter: Callable[[str, Any], bool] | None = None,
     factor_dtype: Any = "float32",
     ns_iterations: int = 2,
     ns_tolerance: float = 0.5,

@@ -24,20 +24,20 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import safetensors.flax
+import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
 from kfac_jax_peft.capture import KFACDense
-from kfac_jax_peft.peft import Adapter, PEFTDense, adapter_sites, is_trainable_path
+from kfac_jax_peft.models import loading
+from kfac_jax_peft.peft import Adapter, AdapterConfig, LoRAConfig, PEFTDense, adapter_sites
+from kfac_jax_peft.peft.tree import is_trainable_path
 
 Array = jax.Array
 _NEG = -1e9  # attention logit of masked keys (finite: a fully masked row stays finite)
@@ -59,21 +59,21 @@ class T5Config:
     d_kv: int = 64
     d_ff: int = 2048
     num_layers: int = 6
-    num_decoder_layers: Optional[int] = None
+    num_decoder_layers: int | None = None
     num_heads: int = 8
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "relu"
     tie_word_embeddings: bool = True
-    scale_decoder_outputs: Optional[bool] = None
+    scale_decoder_outputs: bool | None = None
     dropout_rate: float = 0.1
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
-    num_labels: Optional[int] = None
-    lora: Any = None
-    adapter: Any = None
+    num_labels: int | None = None
+    lora: LoRAConfig | None = None
+    adapter: AdapterConfig | None = None
     dtype: Any = jnp.float32
 
     def __post_init__(self):
@@ -90,7 +90,7 @@ class T5Config:
         return self.feed_forward_proj == "gated-gelu"
 
     @classmethod
-    def from_dict(cls, d: dict, **overrides) -> "T5Config":
+    def from_dict(cls, d: dict, **overrides) -> T5Config:
         """Config from a Hugging Face ``config.json`` dict; unknown keys are ignored.
 
         ``eos_token_id`` given as a list keeps its first entry.
@@ -139,12 +139,12 @@ def shift_right(labels: Array, decoder_start_token_id: int = 0, pad_token_id: in
     return jnp.where(shifted == -100, pad_token_id, shifted)
 
 
-def _attention_allowed(q_mask: Optional[Array], kv_mask: Array, causal: bool) -> Array:
-    """Boolean ``[batch, 1, q_len, kv_len]`` of the keys each query may attend to."""
+def _attention_allowed(kv_mask: Array, q_len: int, causal: bool) -> Array:
+    """Boolean ``[batch, 1, q_len, kv_len]``: the keys each query may attend to (real
+    tokens, and with ``causal`` not after the query; queries and keys then align)."""
     allowed = kv_mask[:, None, None, :].astype(bool)
     if causal:
-        tq, tk = q_mask.shape[-1], kv_mask.shape[-1]
-        allowed = allowed & jnp.tril(jnp.ones((tq, tk), bool))[None, None]
+        allowed = allowed & jnp.tril(jnp.ones((q_len, kv_mask.shape[-1]), bool))[None, None]
     return allowed
 
 
@@ -226,7 +226,7 @@ class T5Attention(nn.Module):
             position_bias = (self.compute_bias(tq, tk) if self.has_relative_bias
                              else jnp.zeros((1, c.num_heads, tq, tk), jnp.float32))
         scores = scores + position_bias.astype(jnp.float32)
-        scores = jnp.where(_attention_allowed(q_mask, kv_mask, self.causal), scores, _NEG)
+        scores = jnp.where(_attention_allowed(kv_mask, tq, self.causal), scores, _NEG)
         weights = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
         weights = self.dropout(weights, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, tq, -1)
@@ -251,6 +251,8 @@ class T5DenseActDense(nn.Module):
 
 
 class T5LayerSelfAttention(nn.Module):
+    """Pre-norm self-attention sub-layer with residual (and optional adapter)."""
+
     config: T5Config
     has_relative_bias: bool = False
     causal: bool = False
@@ -267,6 +269,8 @@ class T5LayerSelfAttention(nn.Module):
 
 
 class T5LayerCrossAttention(nn.Module):
+    """Pre-norm attention from decoder positions to the encoder output, with residual."""
+
     config: T5Config
 
     @nn.compact
@@ -278,6 +282,8 @@ class T5LayerCrossAttention(nn.Module):
 
 
 class T5LayerFF(nn.Module):
+    """Pre-norm feed-forward sub-layer with residual (and optional adapter)."""
+
     config: T5Config
 
     @nn.compact
@@ -328,13 +334,18 @@ class T5Stack(nn.Module):
 
 
 class T5(nn.Module):
-    """T5 for conditional generation: ``__call__`` returns logits ``[B, T_dec, vocab]``."""
+    """T5 for conditional generation: ``__call__`` returns logits ``[B, T_dec, vocab]``.
+
+    Sub-modules: ``shared`` (token embedding), ``encoder``, ``decoder``, ``lm_head``
+    (only when untied) and ``classifier`` (only with ``config.num_labels``).
+    """
 
     config: T5Config
 
     def setup(self):
         c = self.config
-        self.shared = nn.Embed(c.vocab_size, c.d_model, embedding_init=nn.initializers.normal(1.0))
+        self.shared = nn.Embed(c.vocab_size, c.d_model, dtype=c.dtype,
+                               embedding_init=nn.initializers.normal(1.0))
         self.encoder = T5Stack(c, is_decoder=False)
         self.decoder = T5Stack(c, is_decoder=True)
         if not c.tie_word_embeddings:
@@ -370,6 +381,9 @@ class T5(nn.Module):
 
     def __call__(self, input_ids, attention_mask, decoder_input_ids,
                  decoder_attention_mask=None, deterministic=True):
+        """Logits ``[B, T_dec, vocab]`` (float32). ``decoder_input_ids`` are the shifted
+        targets (:func:`shift_right`); ``deterministic=False`` applies dropout and needs
+        ``rngs={"dropout": key}``."""
         enc = self.encode(input_ids, attention_mask, deterministic)
         return self.decode(enc, attention_mask, decoder_input_ids, decoder_attention_mask,
                            deterministic)
@@ -426,7 +440,7 @@ def greedy_generate(module: T5, variables: dict, input_ids: Array, attention_mas
 
 
 def score_labels(module: T5, variables: dict, input_ids: Array, attention_mask: Array,
-                 label_token_ids: Array, label_mask: Optional[Array] = None) -> Array:
+                 label_token_ids: Array, label_mask: Array | None = None) -> Array:
     """Log-likelihood ``[B, K]`` of each of ``K`` label sequences given each input.
 
     ``label_token_ids`` is ``[K, L]`` (targets, e.g. a label word and ``</s>``),
@@ -451,19 +465,17 @@ def score_labels(module: T5, variables: dict, input_ids: Array, attention_mask: 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-# Checkpoint names that alias ``shared.weight`` (older and newer exports differ in
-# which of the tied copies they keep) and keys the model has no use for.
+# Checkpoint names that alias ``shared.weight`` (exports differ in which of the tied
+# copies they keep) and a key the model has no use for.
 _SHARED_ALIASES = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 _IGNORED = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model (lists every offending key)."""
-
-
 def hf_name(path: tuple[str, ...]) -> str:
-    """Hugging Face name of the Flax parameter at ``path``: ``("encoder", "block_0",
-    "layer_0", "SelfAttention", "q", "kernel")`` -> ``encoder.block.0.layer.0.SelfAttention.q.weight``.
+    """Hugging Face name of the Flax parameter at ``path``.
+
+    ``("encoder", "block_0", "layer_0", "SelfAttention", "q", "kernel")`` maps to
+    ``encoder.block.0.layer.0.SelfAttention.q.weight``.
     """
     parts = []
     for p in path[:-1]:
@@ -472,90 +484,47 @@ def hf_name(path: tuple[str, ...]) -> str:
     return ".".join(parts + ["weight"])
 
 
-def name_table(params: dict) -> dict[tuple[str, ...], str]:
-    """``{flax path: checkpoint name}`` of every frozen (base-model) parameter."""
-    flat = traverse_util.flatten_dict(unfreeze(params))
-    return {k: hf_name(k) for k in flat if not is_trainable_path(k)}
-
-
-def _to_flax(name: str, path: tuple[str, ...], value, shape: tuple) -> Optional[Array]:
-    """Checkpoint tensor in Flax layout (torch ``Linear`` ``[out, in]`` -> ``[in, out]``),
-    or ``None`` when its shape does not fit ``shape``."""
-    value = jnp.asarray(value)
-    if path[-1] == "kernel":
-        value = value.T
-    return value if value.shape == tuple(shape) else None
-
-
-def assign_checkpoint(params: dict, state: dict) -> dict:
-    """``params`` with every frozen leaf replaced by its checkpoint tensor.
-
-    Raises :class:`CheckpointError` naming missing, mismatched and unexpected keys.
-    """
-    flat = traverse_util.flatten_dict(unfreeze(params))
-    used, missing, mismatched = set(_IGNORED), [], []
-    for path, name in name_table(params).items():
-        aliases = _SHARED_ALIASES if name == "shared.weight" else (name,)
-        found = [a for a in aliases if a in state]
-        if not found:
-            missing.append(name)
-            continue
-        used.update(aliases)
-        value = _to_flax(found[0], path, state[found[0]], flat[path].shape)
-        if value is None:
-            mismatched.append(f"{found[0]}: checkpoint {tuple(state[found[0]].shape)}, "
-                              f"model {tuple(flat[path].shape)} (flax layout)")
-            continue
-        flat[path] = value.astype(flat[path].dtype)
-    unexpected = sorted(set(state) - used)
-    if missing or mismatched or unexpected:
-        raise CheckpointError("checkpoint does not match the T5 model:\n"
-                              f"  missing: {missing}\n  mismatched: {mismatched}\n"
-                              f"  unexpected: {unexpected}")
-    return traverse_util.unflatten_dict(flat)
-
-
-def _read_state(folder: str) -> dict:
-    """Tensors of ``model.safetensors`` (or of the shards its index lists) in ``folder``."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
-    state = {}
-    for name in files:
-        state.update(safetensors.flax.load_file(os.path.join(folder, name)))
-    return state
+def checkpoint_table(params: dict) -> list[tuple[str, str, str | None]]:
+    """Rows ``(hf_name, flax_path, transform)`` of every frozen (base-model) parameter
+    (see :mod:`kfac_jax_peft.models.loading`); kernels are transposed, and every
+    copy of the tied embedding fills ``shared`` (and ``lm_head`` when it is tied)."""
+    rows = []
+    for path in traverse_util.flatten_dict(unfreeze(params)):
+        if not is_trainable_path(path):
+            rows.append((hf_name(path), "/".join(path), "T" if path[-1] == "kernel" else None))
+    aliases = _SHARED_ALIASES[1:] + (() if "lm_head" in params else ("lm_head.weight",))
+    return rows + [(name, "shared/embedding", None) for name in aliases]
 
 
 def _lm_head_tied(cfg: T5Config, state: dict) -> bool:
     """Whether the output projection is the shared embedding: no ``lm_head.weight``
-    (and a config that ties), or one equal to the embedding."""
+    (and a config that ties), or one equal to the embedding (as Hugging Face decides)."""
     if "lm_head.weight" not in state:
         return cfg.tie_word_embeddings
     shared = next((state[a] for a in _SHARED_ALIASES if a in state), None)
-    return (shared is not None and shared.shape == state["lm_head.weight"].shape
-            and bool(jnp.array_equal(shared, state["lm_head.weight"])))
+    return shared is not None and bool(np.array_equal(shared, state["lm_head.weight"]))
 
 
-def from_pretrained(path: str, lora=None, adapter=None, dtype=jnp.float32, *,
-                    num_labels: Optional[int] = None, dropout_rate: Optional[float] = None,
-                    rng: Optional[Array] = None) -> tuple[T5, dict]:
+def from_pretrained(path: str, lora: LoRAConfig | None = None,
+                    adapter: AdapterConfig | None = None, dtype: Any = jnp.float32, *,
+                    num_labels: int | None = None, dropout_rate: float | None = None,
+                    seed: int = 0) -> tuple[T5, dict]:
     """``(module, variables)`` from a Hugging Face folder (``config.json`` and
     ``model.safetensors``). PEFT parameters (LoRA, adapters, ``classifier``) are
-    freshly initialised from ``rng``; everything else comes from the checkpoint.
+    freshly initialised from ``seed``; everything else must come from the checkpoint,
+    else :class:`~kfac_jax_peft.models.loading.CheckpointError` lists the missing,
+    unexpected and mismatched keys. ``dtype`` is the compute dtype.
     """
-    with open(os.path.join(path, "config.json")) as f:
-        raw = json.load(f)
+    raw = loading.read_config(path)
+    loading.check_model_type(raw, ("t5", "mt5"))
     overrides = {} if dropout_rate is None else {"dropout_rate": dropout_rate}
     cfg = T5Config.from_dict(raw, lora=lora, adapter=adapter, dtype=dtype,
                              num_labels=num_labels, **overrides)
-    state = _read_state(path)
-    tied = _lm_head_tied(cfg, state)
-    if tied:
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    module = T5(dataclasses.replace(cfg, tie_word_embeddings=tied))
-    variables = unfreeze(init_variables(module, jax.random.PRNGKey(0) if rng is None else rng))
-    variables["params"] = assign_checkpoint(variables["params"], state)
+    state = loading.load_state_dict(path)
+    module = T5(dataclasses.replace(cfg, tie_word_embeddings=_lm_head_tied(cfg, state)))
+    variables = dict(init_variables(module, jax.random.PRNGKey(seed)))
+    params = loading.assign(variables["params"], checkpoint_table(variables["params"]), state,
+                            ignore=_IGNORED, optional=loading.PEFT_PATHS + ("classifier/*",),
+                            source=f"checkpoint {path!r}")
+    variables["params"] = jax.tree_util.tree_map(jnp.asarray, params)
     return module, variables

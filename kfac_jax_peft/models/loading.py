@@ -1,0 +1,308 @@
+"""Loading Hugging Face checkpoints into Flax parameter trees.
+
+A checkpoint folder holds ``config.json`` and either ``model.safetensors``
+(optionally sharded, with ``model.safetensors.index.json``) or
+``pytorch_model.bin`` (read only when torch is importable). Its tensors are
+mapped onto a Flax ``params`` template with a *table* of rows::
+
+    (hf_name_pattern, flax_path_pattern, transform)
+
+Patterns may hold integer placeholders such as ``{i}`` (the layer index),
+which must appear in both. ``transform`` is ``None`` or ``"T"`` (transpose a
+torch ``Linear`` weight ``[out, in]`` to a Flax kernel ``[in, out]``).
+:func:`assign` fills the template and reports every problem at once in one
+:class:`CheckpointError`: missing keys, unexpected keys and shape
+mismatches, each by name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+from flax.core import unfreeze
+
+Row = tuple[str, str, "str | None"]
+StateDict = dict[str, np.ndarray]
+
+#: flax paths that a base-model checkpoint never holds: PEFT modules
+PEFT_PATHS = ("*/lora_A/*", "*/lora_B/*", "*adapter*")
+
+SUPPORTED_ENCODERS = ("roberta", "bert")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or state dict that does not fit the model."""
+
+
+# --------------------------------------------------------------------------- files
+
+
+def read_config(folder: str) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint folder as a dict."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no config.json in checkpoint folder {folder!r}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_model_type(config: Mapping[str, Any], supported: Sequence[str]) -> str:
+    """``config["model_type"]``, or a :class:`CheckpointError` naming it."""
+    model_type = config.get("model_type")
+    if model_type not in supported:
+        raise CheckpointError(f"unsupported model_type {model_type!r} in config.json; "
+                              f"supported model types: {', '.join(supported)}")
+    return model_type
+
+
+def _read_safetensors(path: str) -> StateDict:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except (TypeError, KeyError, ValueError):
+        # numpy has no bfloat16: read through the Flax backend instead
+        from safetensors import safe_open
+
+        out = {}
+        with safe_open(path, framework="flax") as f:
+            for k in f.keys():
+                out[k] = np.asarray(f.get_tensor(k))
+        return out
+
+
+def _read_torch_bin(path: str) -> StateDict:
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError(f"{path!r} is a PyTorch checkpoint and torch is not installed; "
+                              "convert it to model.safetensors") from e
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+            for k, v in state.items()}
+
+
+def load_state_dict(folder: str) -> StateDict:
+    """All tensors of a checkpoint folder as numpy arrays, by their HF names."""
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    torch_bin = os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(single):
+        return _read_safetensors(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state: StateDict = {}
+        for shard in shards:
+            state.update(_read_safetensors(os.path.join(folder, shard)))
+        return state
+    if os.path.isfile(torch_bin):
+        return _read_torch_bin(torch_bin)
+    raise CheckpointError(f"no model.safetensors or pytorch_model.bin in {folder!r}")
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    """Regex of a name pattern whose ``{name}`` placeholders match integers."""
+    parts = re.split(r"\{(\w+)\}", pattern)
+    out = []
+    for k, part in enumerate(parts):
+        out.append(rf"(?P<{part}>\d+)" if k % 2 else re.escape(part))
+    return re.compile("^" + "".join(out) + "$")
+
+
+def _compile(table: Iterable[Row]) -> list[tuple[re.Pattern, re.Pattern, str, str, Any]]:
+    return [(_pattern_regex(src), _pattern_regex(dst), src, dst, tf)
+            for src, dst, tf in table]
+
+
+def _transform(value: np.ndarray, transform: str | None) -> np.ndarray:
+    if transform is None:
+        return value
+    if transform == "T":
+        return np.ascontiguousarray(value.T)
+    raise ValueError(f"unknown transform {transform!r}; expected None or 'T'")
+
+
+def _source_shape(shape: tuple[int, ...], transform: str | None) -> tuple[int, ...]:
+    """Checkpoint-side shape of a flax leaf of ``shape``."""
+    return shape[::-1] if transform == "T" else shape
+
+
+def _source_name(compiled, path: str) -> str:
+    """The HF name that would fill flax ``path`` (for error messages)."""
+    for _, dst_re, src, _, _ in compiled:
+        m = dst_re.match(path)
+        if m:
+            return f"{src.format(**m.groupdict())} ({path})"
+    return path
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _format_error(source: str, missing, unexpected, mismatched, conflicts) -> str:
+    lines = [f"{source} does not match the model:"]
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches", mismatched), ("conflicting tied keys", conflicts)):
+        if items:
+            lines.append(f"  {title} ({len(items)}):")
+            lines.extend(f"    {item}" for item in items)
+    return "\n".join(lines)
+
+
+def assign(params_template: Mapping, table: Iterable[Row], state_dict: Mapping[str, Any], *,
+           ignore: Sequence[str] = (), optional: Sequence[str] = (),
+           source: str = "checkpoint") -> dict:
+    """Fill ``params_template`` from ``state_dict`` through ``table``.
+
+    Args:
+      params_template: a Flax ``params`` tree (shapes and dtypes are taken
+        from it; leaves not filled keep their value).
+      table: rows ``(hf_pattern, flax_pattern, transform)``, see module doc.
+      state_dict: HF name -> array.
+      ignore: ``fnmatch`` patterns of HF names to drop (buffers, heads of
+        other tasks).
+      optional: ``fnmatch`` patterns of ``/``-joined flax paths that may be
+        absent from the checkpoint (new PEFT modules, a new task head).
+      source: how the checkpoint is named in error messages.
+
+    Several HF names may map to one flax path (tied weights); they must then
+    hold equal values.
+
+    Returns a new nested dict. Raises :class:`CheckpointError` listing all
+    missing keys, unexpected keys, shape mismatches and conflicting tied keys.
+    """
+    compiled = _compile(table)
+    flat = {"/".join(k): v
+            for k, v in traverse_util.flatten_dict(unfreeze(params_template)).items()}
+    filled: dict[str, np.ndarray] = {}
+    filled_from: dict[str, str] = {}
+    unexpected, mismatched, conflicts = [], [], []
+    mis_shaped: set[str] = set()
+    for name in sorted(state_dict):
+        if _matches(name, ignore):
+            continue
+        target = _map_name(compiled, name)
+        if target is None or target[0] not in flat:
+            unexpected.append(name)
+            continue
+        path, tf = target
+        raw = np.asarray(state_dict[name])
+        want = _source_shape(tuple(flat[path].shape), tf)
+        if tuple(raw.shape) != want:
+            mismatched.append(f"{name}: checkpoint {tuple(raw.shape)}, expected {want} "
+                              f"(for {path})")
+            mis_shaped.add(path)
+            continue
+        value = _transform(raw, tf)
+        if path in filled and not np.array_equal(filled[path], value):
+            conflicts.append(f"{filled_from[path]} and {name} both fill {path} but differ")
+        else:
+            filled[path], filled_from[path] = value, name
+    missing = [_source_name(compiled, p) for p in sorted(flat)
+               if p not in filled and p not in mis_shaped and not _matches(p, optional)]
+    if missing or unexpected or mismatched or conflicts:
+        raise CheckpointError(_format_error(source, missing, unexpected, mismatched, conflicts))
+    out = {p: (np.asarray(filled[p], dtype=v.dtype) if p in filled else v) for p, v in flat.items()}
+    return traverse_util.unflatten_dict({tuple(p.split("/")): v for p, v in out.items()})
+
+
+def _map_name(compiled, name: str) -> tuple[str, str | None] | None:
+    for src_re, _, _, dst, tf in compiled:
+        m = src_re.match(name)
+        if m:
+            return dst.format(**m.groupdict()), tf
+    return None
+
+
+def strip_prefixes(state_dict: Mapping[str, Any], prefixes: Sequence[str]) -> StateDict:
+    """Drop the first matching prefix (e.g. ``"roberta."``) from every name."""
+    out = {}
+    for name, value in state_dict.items():
+        for prefix in prefixes:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                break
+        out[name] = value
+    return out
+
+
+# --------------------------------------------------------------------------- RoBERTa / BERT
+
+
+def _linear(src: str, dst: str) -> list[Row]:
+    return [(f"{src}.weight", f"{dst}/kernel", "T"), (f"{src}.bias", f"{dst}/bias", None)]
+
+
+def _norm(src: str, dst: str) -> list[Row]:
+    return [(f"{src}.weight", f"{dst}/scale", None), (f"{src}.bias", f"{dst}/bias", None)]
+
+
+_L, _F = "encoder.layer.{i}", "encoder/layer_{i}"
+
+#: HF RoBERTa/BERT encoder names (after stripping "roberta."/"bert.") -> flax paths
+ENCODER_TABLE: list[Row] = [
+    ("embeddings.word_embeddings.weight", "encoder/embeddings/word_embeddings/embedding", None),
+    ("embeddings.position_embeddings.weight",
+     "encoder/embeddings/position_embeddings/embedding", None),
+    ("embeddings.token_type_embeddings.weight",
+     "encoder/embeddings/token_type_embeddings/embedding", None),
+    *_norm("embeddings.LayerNorm", "encoder/embeddings/LayerNorm"),
+    *_linear(f"{_L}.attention.self.query", f"{_F}/attention/query"),
+    *_linear(f"{_L}.attention.self.key", f"{_F}/attention/key"),
+    *_linear(f"{_L}.attention.self.value", f"{_F}/attention/value"),
+    *_linear(f"{_L}.attention.output.dense", f"{_F}/attention/output"),
+    *_norm(f"{_L}.attention.output.LayerNorm", f"{_F}/attention_norm"),
+    *_linear(f"{_L}.intermediate.dense", f"{_F}/intermediate"),
+    *_linear(f"{_L}.output.dense", f"{_F}/output"),
+    *_norm(f"{_L}.output.LayerNorm", f"{_F}/output_norm"),
+]
+
+#: task heads: RoBERTa's classification head; BERT's pooler + linear classifier
+HEAD_TABLES: dict[str, list[Row]] = {
+    "roberta": [*_linear("classifier.dense", "classifier/dense"),
+                *_linear("classifier.out_proj", "classifier/out_proj")],
+    "bert": [*_linear("pooler.dense", "classifier/dense"),
+             *_linear("classifier", "classifier/out_proj")],
+}
+
+#: checkpoint names that are not part of an encoder classifier
+ENCODER_IGNORE: dict[str, tuple[str, ...]] = {
+    "roberta": ("*position_ids", "lm_head.*", "pooler.*"),
+    "bert": ("*position_ids", "cls.*"),
+}
+
+
+def normalise_encoder_names(state_dict: Mapping[str, Any]) -> StateDict:
+    """Strip the ``roberta.``/``bert.`` prefix and rename legacy LayerNorm
+    ``gamma``/``beta`` to ``weight``/``bias``."""
+    out = {}
+    for name, value in strip_prefixes(state_dict, ("roberta.", "bert.")).items():
+        name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name)
+        name = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
+        out[name] = value
+    return out
+
+
+def load_encoder_params(params_template: Mapping, state_dict: Mapping[str, Any],
+                        model_type: str, source: str = "checkpoint") -> dict:
+    """Fill a RoBERTa/BERT classifier template from a HF state dict. PEFT
+    modules and the ``classifier`` head may be absent (they keep their
+    initial values, as Hugging Face does for a new task head)."""
+    if model_type not in SUPPORTED_ENCODERS:
+        raise CheckpointError(f"unsupported model_type {model_type!r}; supported model "
+                              f"types: {', '.join(SUPPORTED_ENCODERS)}")
+    return assign(params_template, ENCODER_TABLE + HEAD_TABLES[model_type],
+                  normalise_encoder_names(state_dict), ignore=ENCODER_IGNORE[model_type],
+                  optional=PEFT_PATHS + ("classifier/*",), source=source)

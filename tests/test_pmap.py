@@ -1,0 +1,18 @@
+"""Data parallel K-FAC equals one device on the global batch."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+SCRIPT = pathlib.Path(__file__).parent / "scripts" / "pmap_equivalence.py"
+
+
+def test_pmap_four_devices_matches_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [l for l in out.stdout.splitlines() if l.startswith("MAX_REL_DIFF")][0]
+    assert float(line.split()[1]) <= 1e-5, line
