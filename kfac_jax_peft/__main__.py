@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -17,6 +18,9 @@ def _demo(args) -> int:
 
 
 def main(argv=None) -> int:
+    # jaxlib's CPU LAPACK runs on scipy's OpenBLAS, whose spinning threads
+    # slow XLA down (see benchmarks/step_time.py); one thread is faster.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = argparse.ArgumentParser(prog="kfac-peft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="AdamW vs K-FAC (no clip, pre-clip, Newton-step clip) "

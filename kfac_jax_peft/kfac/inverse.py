@@ -23,8 +23,8 @@ Two damping modes:
     projection vanish at the start, where kfac-jax produces NaN). The two
     inverses are computed by Cholesky, by ``eigh``, or by Newton-Schulz
     iterations ``X <- X (2 I - M X)`` warm-started from the previous inverse,
-    matmul-only, falling back to Cholesky when the warm start does not
-    contract (residual ``||I - M X||_F / sqrt(d) > ns_tolerance``).
+    matmul-only, falling back to Cholesky when the warm start is too far off
+    (see :func:`newton_schulz`).
 
 Matrices of equal size are stacked and inverted in one batched call.
 """
@@ -109,27 +109,31 @@ def batched_eigh_inverse(mats: jnp.ndarray) -> jnp.ndarray:
 
 
 def newton_schulz(mats: jnp.ndarray, x0: jnp.ndarray, iterations: int, tolerance: float):
-    """Refine ``x0 ~= mats^-1`` by Newton-Schulz; Cholesky where it fails."""
+    """Refine ``x0 ~= mats^-1`` by Newton-Schulz; Cholesky where it would fail.
+
+    Each iteration is ``R = I - M X; X <- X + X R`` (two matmuls), which
+    squares the residual: from ``r0 = ||I - M x0||_F / sqrt(d)`` the result
+    has residual about ``r0 ** (2 ** iterations)``. When that bound exceeds
+    ``tolerance`` for any matrix of the stack (or ``r0 >= 1``, where the
+    iteration diverges), the whole stack is inverted by Cholesky instead.
+    """
     d = mats.shape[-1]
     eye = jnp.eye(d, dtype=mats.dtype)
+    r = eye - jnp.matmul(mats, x0, precision=HP)
+    r0 = jnp.max(jnp.sqrt(jnp.sum(r * r, axis=(-1, -2)) / d))
+    ok = (r0 < 1.0) & (r0 ** (2**iterations) <= tolerance)
 
-    def residual(x):
-        r = eye - jnp.matmul(mats, x, precision=HP)
-        return jnp.sqrt(jnp.sum(r * r, axis=(-1, -2)) / d)
-
-    ok0 = jnp.all(residual(x0) < tolerance)
-
-    def refine(_):
-        x = x0
-        for _ in range(iterations):
-            x = jnp.matmul(x, 2 * eye - jnp.matmul(mats, x, precision=HP), precision=HP)
+    def refine(r):
+        x = x0 + jnp.matmul(x0, r, precision=HP)
+        for _ in range(iterations - 1):
+            x = x + jnp.matmul(x, eye - jnp.matmul(mats, x, precision=HP), precision=HP)
         return _sym(x)
 
-    return jax.lax.cond(ok0, refine, lambda _: batched_cholesky_inverse(mats), None)
+    return jax.lax.cond(ok, refine, lambda _: batched_cholesky_inverse(mats), r)
 
 
 def invert(factors: Sequence[tuple], previous: Sequence, mode: str, method: str,
-           damping, ns_iterations: int = 2, ns_tolerance: float = 0.5) -> list:
+           damping, ns_iterations: int = 1, ns_tolerance: float = 1e-3) -> list:
     """New curvature representations for a list of ``(A, G)`` factor pairs.
 
     ``previous`` holds the current representations (the warm start of the

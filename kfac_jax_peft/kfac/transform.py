@@ -96,8 +96,8 @@ def kfac_precondition(
     axis_name: str | None = None,
     layer_filter: Callable[[str, Any], bool] | None = None,
     factor_dtype: Any = "float32",
-    ns_iterations: int = 2,
-    ns_tolerance: float = 0.5,
+    ns_iterations: int = 1,
+    ns_tolerance: float = 1e-3,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Precondition gradients by the inverse K-FAC Fisher of each dense layer.
 
@@ -152,7 +152,9 @@ def kfac_precondition(
         must stay Python integers.)
       factor_dtype: dtype of factors and inverses (float32 by default,
         whatever the parameter dtype; float64 needs ``jax_enable_x64``).
-      ns_iterations, ns_tolerance: Newton-Schulz settings.
+      ns_iterations, ns_tolerance: Newton-Schulz settings: iterations per
+        inversion, and the largest predicted relative residual
+        ``r0 ** (2 ** ns_iterations)`` accepted before falling back to Cholesky.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.

@@ -1,0 +1,167 @@
+"""Step time of the K-FAC chain relative to AdamW, same process, model and batch.
+
+The model is the built-in LoRA encoder (LoRA on query and value, classifier
+head trainable). Default size: 4 layers, hidden 256, 4 heads, MLP 1024, LoRA
+rank 8, batch 16 x 64 tokens, which runs in minutes on 2 CPU cores;
+``--size base`` is RoBERTa-base-like (12 layers, hidden 768, 12 heads, MLP
+3072, batch 32 x 128) for a GPU.
+
+Three kinds of K-FAC step are timed separately (median over ``--reps``
+calls each, after compilation):
+
+* ``plain``: ``kfac_stats=None``, multiply by the stored inverse;
+* ``stats``: statistics captured and folded into the factors, no inversion;
+* ``invert``: statistics and an inversion.
+
+For an inversion interval ``k`` the expected time per step is then
+``(t_invert + (k - 1) t_stats) / k`` with statistics every step and
+``(t_invert + (k - 1) t_plain) / k`` with statistics only on inversion steps
+(the training loop picks the jitted step on the host). The table prints
+these divided by AdamW's median step (gradient clipping + ``optax.adamw``).
+
+On CPU, jaxlib's LAPACK kernels (Cholesky, eigh) run on scipy's OpenBLAS,
+whose worker threads spin against XLA's own thread pool: measured on 2
+cores, an inversion step took 219 ms instead of 146 ms. The script sets
+``OPENBLAS_NUM_THREADS=1`` (unless already set) before anything loads
+OpenBLAS; do the same in CPU training jobs.
+
+Usage: ``python benchmarks/step_time.py [--size small|base] [--reps 30]``
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import kfac_jax_peft as kp  # noqa: E402
+from kfac_jax_peft import toy  # noqa: E402
+
+SIZES = {
+    "small": (toy.ToyConfig(vocab_size=1000, hidden=256, heads=4, layers=4, mlp=1024, rank=8,
+                            alpha=16.0, max_len=64), 16),
+    "base": (toy.ToyConfig(vocab_size=30000, hidden=768, heads=12, layers=12, mlp=3072, rank=8,
+                           alpha=16.0, max_len=128), 32),
+}
+MODES = {
+    "exact/eigh": dict(damping_mode="exact"),
+    "factored/cholesky": dict(damping_mode="factored", inverse_method="cholesky"),
+    "factored/newton-schulz": dict(damping_mode="factored", inverse_method="newton_schulz"),
+}
+
+
+def _median_time(step, tr, state, batches, reps):
+    """Median wall time of ``step`` over ``reps`` calls of a real run: the
+    parameters and optimizer state are carried, the batches rotate (so the
+    factors, and the warm starts of iterative inverses, change as in
+    training)."""
+    tr, state, _ = jax.block_until_ready(step(tr, state, batches[0]))  # compile, warm up
+    times = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        tr, state, _ = jax.block_until_ready(step(tr, state, batches[(i + 1) % len(batches)]))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), tr, state
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--modes", default=",".join(MODES))
+    args = ap.parse_args(argv)
+    cfg, batch_size = SIZES[args.size]
+
+    variables = toy.init(cfg, batch_shape=(batch_size, cfg.max_len))
+    trainable, frozen = toy.split_params(variables["params"])
+    trainable = jax.tree_util.tree_map(lambda x: x + 0.01, trainable)  # non-zero LoRA B
+    probes = variables["kfac"]
+    rng = np.random.default_rng(0)
+
+    def make_batch():
+        lengths = rng.integers(cfg.max_len // 2, cfg.max_len + 1, batch_size)
+        mask = (np.arange(cfg.max_len)[None] < lengths[:, None]).astype(np.float32)
+        ids = rng.integers(0, cfg.vocab_size, (batch_size, cfg.max_len))
+        return {"ids": jnp.asarray(ids), "mask": jnp.asarray(mask),
+                "labels": jnp.asarray(rng.integers(0, 2, batch_size))}
+
+    batches = [make_batch() for _ in range(8)]
+    model = toy.ToyEncoder(cfg)
+
+    def loss_fn(tr, pr, b):
+        v = {"params": toy.merge_params(tr, frozen)}
+        if pr is not None:
+            v["kfac"] = pr
+        logits = model.apply(v, b["ids"], b["mask"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
+
+    def first_order_step(tx):
+        @jax.jit
+        def step(tr, s, b):
+            loss, g = jax.value_and_grad(loss_fn)(tr, None, b)
+            u, s = tx.update(g, s, tr)
+            return optax.apply_updates(tr, u), s, loss
+        return step
+
+    adamw = optax.chain(kp.clip_by_update_norm(1.0), optax.adamw(1e-3, weight_decay=1e-4))
+    t_adamw, _, _ = _median_time(first_order_step(adamw), trainable, adamw.init(trainable),
+                                 batches, args.reps)
+    n_train = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
+    print(f"backend {jax.default_backend()}, size {args.size}: {cfg.layers} layers, hidden "
+          f"{cfg.hidden}, LoRA rank {cfg.rank} on query/value, batch {batch_size} x "
+          f"{cfg.max_len}, {n_train} trainable parameters")
+    print(f"AdamW median step: {1e3 * t_adamw:.2f} ms "
+          f"(OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')})")
+
+    grad_fn = kp.kfac_value_and_grad(loss_fn)
+    header = (f"{'mode':24s} {'plain':>7s} {'stats':>7s} {'invert':>7s}   "
+              + " ".join(f"{'k=' + str(k):>7s}" for k in (1, 10, 100, 500)) + "   (x AdamW)")
+    rows = []
+    for name in args.modes.split(","):
+        def make(invert_every, name=name):
+            tx = optax.chain(kp.kfac_precondition(1e-3, invert_every=invert_every, **MODES[name]),
+                             kp.clip_by_update_norm(1.0), optax.add_decayed_weights(1e-4),
+                             optax.scale_by_learning_rate(0.05))
+
+            @jax.jit
+            def stats_step(tr, s, b):
+                loss, g, st = grad_fn(tr, probes, b)
+                u, s = tx.update(g, s, tr, kfac_stats=st)
+                return optax.apply_updates(tr, u), s, loss
+
+            return tx, stats_step, first_order_step(tx)
+
+        tx1, inv_step, _ = make(1)  # every statistics step inverts
+        t_inv, _, _ = _median_time(inv_step, trainable, tx1.init(trainable), batches, args.reps)
+
+        txk, stats_step, plain_step = make(10**9)  # inverts once, then never
+        t_stats, tr, sk = _median_time(stats_step, trainable, txk.init(trainable), batches,
+                                       args.reps)
+        t_plain, _, _ = _median_time(plain_step, tr, sk, batches, args.reps)
+
+        every = [(t_inv + (k - 1) * t_stats) / k / t_adamw for k in (1, 10, 100, 500)]
+        only = [(t_inv + (k - 1) * t_plain) / k / t_adamw for k in (1, 10, 100, 500)]
+        rows.append((name, t_plain, t_stats, t_inv, every, only))
+
+    print()
+    print("median ms per step kind; expected time per step / AdamW for interval k")
+    print(header)
+    for name, tp, ts, ti, every, only in rows:
+        cells = " ".join(f"{r:7.2f}" for r in every)
+        print(f"{name:24s} {1e3 * tp:7.2f} {1e3 * ts:7.2f} {1e3 * ti:7.2f}   {cells}"
+              "   statistics every step")
+        cells = " ".join(f"{r:7.2f}" for r in only)
+        print(f"{'':24s} {'':7s} {'':7s} {'':7s}   {cells}   statistics on inversion steps")
+
+
+if __name__ == "__main__":
+    main()
