@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import kfac_jax_peft as kp  # noqa: E402
-from kfac_jax_peft import toy  # noqa: E402
+from kfac_jax_peft import demo, toy  # noqa: E402
 
 SIZES = {
     "small": (toy.ToyConfig(vocab_size=1000, hidden=256, heads=4, layers=4, mlp=1024, rank=8,
@@ -95,25 +95,12 @@ def main(argv=None):
                 "labels": jnp.asarray(rng.integers(0, 2, batch_size))}
 
     batches = [make_batch() for _ in range(8)]
-    model = toy.ToyEncoder(cfg)
 
-    def loss_fn(tr, pr, b):
-        v = {"params": toy.merge_params(tr, frozen)}
-        if pr is not None:
-            v["kfac"] = pr
-        logits = model.apply(v, b["ids"], b["mask"])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
-
-    def first_order_step(tx):
-        @jax.jit
-        def step(tr, s, b):
-            loss, g = jax.value_and_grad(loss_fn)(tr, None, b)
-            u, s = tx.update(g, s, tr)
-            return optax.apply_updates(tr, u), s, loss
-        return step
+    def steps(tx):
+        return demo.make_steps(cfg, frozen, probes, tx)
 
     adamw = optax.chain(kp.clip_by_update_norm(1.0), optax.adamw(1e-3, weight_decay=1e-4))
-    t_adamw, _, _ = _median_time(first_order_step(adamw), trainable, adamw.init(trainable),
+    t_adamw, _, _ = _median_time(steps(adamw)[1], trainable, adamw.init(trainable),
                                  batches, args.reps)
     n_train = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
     print(f"backend {jax.default_backend()}, size {args.size}: {cfg.layers} layers, hidden "
@@ -122,7 +109,6 @@ def main(argv=None):
     print(f"AdamW median step: {1e3 * t_adamw:.2f} ms "
           f"(OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')})")
 
-    grad_fn = kp.kfac_value_and_grad(loss_fn)
     header = (f"{'mode':24s} {'plain':>7s} {'stats':>7s} {'invert':>7s}   "
               + " ".join(f"{'k=' + str(k):>7s}" for k in (1, 10, 100, 500)) + "   (x AdamW)")
     rows = []
@@ -131,14 +117,7 @@ def main(argv=None):
             tx = optax.chain(kp.kfac_precondition(1e-3, invert_every=invert_every, **MODES[name]),
                              kp.clip_by_update_norm(1.0), optax.add_decayed_weights(1e-4),
                              optax.scale_by_learning_rate(0.05))
-
-            @jax.jit
-            def stats_step(tr, s, b):
-                loss, g, st = grad_fn(tr, probes, b)
-                u, s = tx.update(g, s, tr, kfac_stats=st)
-                return optax.apply_updates(tr, u), s, loss
-
-            return tx, stats_step, first_order_step(tx)
+            return (tx, *steps(tx))
 
         tx1, inv_step, _ = make(1)  # every statistics step inverts
         t_inv, _, _ = _median_time(inv_step, trainable, tx1.init(trainable), batches, args.reps)

@@ -1,8 +1,9 @@
 """A small LoRA transformer encoder and a synthetic task, built in.
 
 Used by the demo, the benchmarks and the tests: no downloads. The frozen
-base is a randomly initialised pre-LayerNorm encoder; LoRA adapts the
-query and value projections; a dense head classifies the first token.
+base is a randomly initialised pre-LayerNorm encoder; LoRA
+(:class:`~kfac_jax_peft.peft.PEFTDense`) adapts the query and value
+projections; a dense head classifies the first token.
 Labels come from a *teacher*, the same network with a random non-zero LoRA
 update and its own head, so the task is realisable by the student's
 trainable parameters and training loss can go to (near) zero.
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kfac_jax_peft.capture import KFACDense
+from kfac_jax_peft.peft import LoRAConfig, PEFTDense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,22 +36,6 @@ class ToyConfig:
     max_len: int = 16
 
 
-class LoRAProjection(nn.Module):
-    """Frozen ``base`` dense plus ``alpha/r * lora_B(lora_A(x))``."""
-
-    features: int
-    rank: int
-    alpha: float
-
-    @nn.compact
-    def __call__(self, x, mask):
-        y = nn.Dense(self.features, name="base")(x)
-        h = KFACDense(self.rank, use_bias=False, name="lora_A")(x, mask)
-        d = KFACDense(self.features, use_bias=False, kernel_init=nn.initializers.zeros,
-                      name="lora_B")(h, mask)
-        return y + (self.alpha / self.rank) * d
-
-
 class Block(nn.Module):
     cfg: ToyConfig
 
@@ -58,9 +44,10 @@ class Block(nn.Module):
         c = self.cfg
         hd = c.hidden // c.heads
         h = nn.LayerNorm(name="ln1")(x)
-        q = LoRAProjection(c.hidden, c.rank, c.alpha, name="query")(h, mask)
+        lora = LoRAConfig(rank=c.rank, alpha=c.alpha, targets=("query", "value"))
+        q = PEFTDense(c.hidden, lora=lora, name="query")(h, mask)
         k = nn.Dense(c.hidden, name="key")(h)
-        v = LoRAProjection(c.hidden, c.rank, c.alpha, name="value")(h, mask)
+        v = PEFTDense(c.hidden, lora=lora, name="value")(h, mask)
         split = lambda t: t.reshape(t.shape[:2] + (c.heads, hd))  # noqa: E731
         s = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) / np.sqrt(hd)
         s = jnp.where(mask[:, None, None, :] > 0, s, -1e9)
