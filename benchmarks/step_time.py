@@ -55,6 +55,7 @@ SIZES = {
 MODES = {
     "exact/eigh": dict(damping_mode="exact"),
     "factored/cholesky": dict(damping_mode="factored", inverse_method="cholesky"),
+    "factored/cholesky-solve": dict(damping_mode="factored", inverse_method="cholesky_solve"),
     "factored/newton-schulz": dict(damping_mode="factored", inverse_method="newton_schulz"),
 }
 

@@ -20,7 +20,7 @@ def kfac(
     invert_every: int = 1,
     decay: ScalarOrSchedule = 0.95,
     damping_mode: str = "exact",
-    inverse_method: str = "cholesky",
+    inverse_method: str = "cholesky_solve",
     axis_name: str | None = None,
     weight_decay_mask=None,
 ) -> optax.GradientTransformationExtraArgs:

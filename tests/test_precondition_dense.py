@@ -70,8 +70,10 @@ CASES = [((6, 5), True, False), ((6, 5), False, True), ((4, 7, 5), True, True),
 
 
 @pytest.mark.parametrize("shape_in,use_bias,pad", CASES)
-@pytest.mark.parametrize("mode", ["exact", "factored"])
-def test_one_layer_matches_dense(shape_in, use_bias, pad, mode):
+@pytest.mark.parametrize("mode,method", [("exact", "cholesky"), ("factored", "cholesky"),
+                                         ("factored", "cholesky_solve"), ("factored", "eigh"),
+                                         ("factored", "newton_schulz")])
+def test_one_layer_matches_dense(shape_in, use_bias, pad, mode, method):
     d_out, lam = 3, 0.05
     x, W, b, y_t, mask = _setup(jax.random.key(0), shape_in, d_out, use_bias, pad)
     params = {"kernel": W} | ({"bias": b} if use_bias else {})
@@ -83,7 +85,7 @@ def test_one_layer_matches_dense(shape_in, use_bias, pad, mode):
     np.testing.assert_allclose(s.A / s.num_tokens, A, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(s.G / s.num_examples, G, rtol=1e-5, atol=1e-7)
 
-    tx = kp.kfac_precondition(lam, decay=0.0, damping_mode=mode)
+    tx = kp.kfac_precondition(lam, decay=0.0, damping_mode=mode, inverse_method=method)
     state = tx.init(params)
     upd, _ = tx.update(grads, state, params, kfac_stats=stats)
 

@@ -212,7 +212,7 @@ def test_zero_initialised_lora_b_gives_finite_updates():
     _, grads, stats = kp.kfac_value_and_grad(loss)(params, probes, X, Y)
     assert float(jnp.abs(stats["lora_A"]["kernel"].G).max()) == 0.0
     for mode in ("exact", "factored"):
-        for method in ("cholesky", "eigh", "newton_schulz"):
+        for method in ("cholesky", "cholesky_solve", "eigh", "newton_schulz"):
             tx = kp.kfac_precondition(1e-3, damping_mode=mode, inverse_method=method)
             u, state = tx.update(grads, tx.init(params), params, kfac_stats=stats)
             assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(u))

@@ -21,7 +21,9 @@ Two damping modes:
     ``pi = sqrt((tr(A) / d_a) / (tr(G) / d_g))``; ``pi = 1`` when either
     trace is zero (LoRA's zero-initialised ``B`` makes ``G`` of the ``A``
     projection vanish at the start, where kfac-jax produces NaN). The two
-    inverses are computed by Cholesky, by ``eigh``, or by Newton-Schulz
+    inverses are computed by Cholesky (``cholesky``; or ``cholesky_solve``,
+    which keeps only the Cholesky factors and solves at every step), by
+    ``eigh``, or by Newton-Schulz
     iterations ``X <- X (2 I - M X)`` warm-started from the previous inverse,
     matmul-only, falling back to Cholesky when the warm start is too far off
     (see :func:`newton_schulz`).
@@ -40,7 +42,7 @@ import jax.numpy as jnp
 HP = jax.lax.Precision.HIGHEST
 
 DAMPING_MODES = ("exact", "factored")
-INVERSE_METHODS = ("cholesky", "eigh", "newton_schulz")
+INVERSE_METHODS = ("cholesky", "cholesky_solve", "eigh", "newton_schulz")
 
 
 class Eigen(NamedTuple):
@@ -59,10 +61,21 @@ class Inverses(NamedTuple):
     g_inv: jnp.ndarray
 
 
-def zeros_curvature(d_a: int, d_g: int, mode: str, dtype):
+class CholeskyFactors(NamedTuple):
+    """Lower Cholesky factors of the damped factors (``cholesky_solve``):
+    the inversion is one factorisation, each step two pairs of triangular
+    solves with as many right-hand sides as the LoRA rank."""
+
+    la: jnp.ndarray
+    lg: jnp.ndarray
+
+
+def zeros_curvature(d_a: int, d_g: int, mode: str, dtype, method: str = "cholesky"):
     if mode == "exact":
         return Eigen(jnp.eye(d_a, dtype=dtype), jnp.zeros((d_a,), dtype),
                      jnp.eye(d_g, dtype=dtype), jnp.zeros((d_g,), dtype))
+    if method == "cholesky_solve":
+        return CholeskyFactors(jnp.eye(d_a, dtype=dtype), jnp.eye(d_g, dtype=dtype))
     return Inverses(jnp.eye(d_a, dtype=dtype), jnp.eye(d_g, dtype=dtype))
 
 
@@ -97,10 +110,16 @@ def batched_eigh(mats: jnp.ndarray):
     return vecs, jnp.maximum(vals, 0.0)
 
 
+def batched_cholesky(mats: jnp.ndarray) -> jnp.ndarray:
+    return jnp.linalg.cholesky(_sym(mats))
+
+
 def batched_cholesky_inverse(mats: jnp.ndarray) -> jnp.ndarray:
+    """``M^-1 = L^-T L^-1``: one triangular solve and one matmul (measured
+    half the time of ``cho_solve`` against the identity on CPU)."""
     eye = jnp.broadcast_to(jnp.eye(mats.shape[-1], dtype=mats.dtype), mats.shape)
-    chol = jnp.linalg.cholesky(_sym(mats))
-    return jax.scipy.linalg.cho_solve((chol, True), eye)
+    l_inv = jax.scipy.linalg.solve_triangular(batched_cholesky(mats), eye, lower=True)
+    return jnp.matmul(jnp.swapaxes(l_inv, -1, -2), l_inv, precision=HP)
 
 
 def batched_eigh_inverse(mats: jnp.ndarray) -> jnp.ndarray:
@@ -150,6 +169,9 @@ def invert(factors: Sequence[tuple], previous: Sequence, mode: str, method: str,
         sd = jnp.sqrt(jnp.asarray(damping, A.dtype))
         damped.append(A + pi * sd * jnp.eye(A.shape[0], dtype=A.dtype))
         damped.append(G + sd / pi * jnp.eye(G.shape[0], dtype=G.dtype))
+    if method == "cholesky_solve":
+        ch = _grouped(damped, batched_cholesky)
+        return [CholeskyFactors(ch[2 * i], ch[2 * i + 1]) for i in range(len(factors))]
     if method == "cholesky":
         inv = _grouped(damped, batched_cholesky_inverse)
     elif method == "eigh":
@@ -177,6 +199,9 @@ def precondition(v: jnp.ndarray, curv, damping) -> jnp.ndarray:
         t = jnp.matmul(jnp.matmul(curv.qa.T, v, precision=HP), curv.qg, precision=HP)
         t = t / (curv.a[:, None] * curv.g[None, :] + damping)
         return jnp.matmul(jnp.matmul(curv.qa, t, precision=HP), curv.qg.T, precision=HP)
+    if isinstance(curv, CholeskyFactors):
+        u = jax.scipy.linalg.cho_solve((curv.la, True), v)
+        return jax.scipy.linalg.cho_solve((curv.lg, True), u.T).T
     return jnp.matmul(jnp.matmul(curv.a_inv, v, precision=HP), curv.g_inv, precision=HP)
 
 

@@ -92,7 +92,7 @@ def kfac_precondition(
     decay: ScalarOrSchedule = 0.95,
     invert_every: int = 1,
     damping_mode: str = "exact",
-    inverse_method: str = "cholesky",
+    inverse_method: str = "cholesky_solve",
     axis_name: str | None = None,
     layer_filter: Callable[[str, Any], bool] | None = None,
     factor_dtype: Any = "float32",
@@ -139,8 +139,10 @@ def kfac_precondition(
       decay: moving-average decay of the factors (float or schedule).
       invert_every: calls between inversions.
       damping_mode: ``"exact"`` (eigenbasis, exact damping) or ``"factored"``.
-      inverse_method: for ``factored``: ``"cholesky"``, ``"eigh"`` or
-        ``"newton_schulz"`` (matmul-only, warm-started).
+      inverse_method: for ``factored``: ``"cholesky_solve"`` (the default:
+        stored Cholesky factors, triangular solves each step; the cheapest
+        inversion), ``"cholesky"`` (stored inverses), ``"eigh"`` or ``"newton_schulz"``
+        (matmul-only, warm-started, Cholesky fallback).
       axis_name: pmap/shard_map axis over which statistics are summed (raw
         sums and counts, so the result equals one device on the global
         batch). ``None``: no collective (under ``jit`` with a sharded batch
@@ -191,7 +193,8 @@ def kfac_precondition(
             d_g = kernel.shape[1]
             layers[path] = LayerState(
                 factors=F.zeros_factors(d_a, d_g, factor_dtype),
-                curvature=I.zeros_curvature(d_a, d_g, damping_mode, factor_dtype),
+                curvature=I.zeros_curvature(d_a, d_g, damping_mode, factor_dtype,
+                                            inverse_method),
                 has_curvature=jnp.zeros((), bool),
                 num_stats=jnp.zeros((), jnp.int32),
                 num_rejected=jnp.zeros((), jnp.int32))
