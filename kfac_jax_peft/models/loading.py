@@ -53,6 +53,22 @@ def read_config(folder: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def load_tokenizer(folder: str):
+    """The Hugging Face tokenizer saved in a checkpoint folder, loaded offline
+    (``local_files_only``) through ``transformers.AutoTokenizer``."""
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("loading a tokenizer needs transformers: pip install "
+                          "'kfac_jax_peft[hf]'") from e
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"tokenizer folder {folder!r} does not exist")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"no usable tokenizer in {folder!r}: {e}") from e
+
+
 def check_model_type(config: Mapping[str, Any], supported: Sequence[str]) -> str:
     """``config["model_type"]``, or a :class:`CheckpointError` naming it."""
     model_type = config.get("model_type")
