@@ -10,11 +10,11 @@ SCRIPT = pathlib.Path(__file__).parent / "scripts" / "pmap_equivalence.py"
 
 def test_pmap_four_devices_matches_one_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1")
+               JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [l.split() for l in out.stdout.splitlines() if l.startswith("MAX_REL_DIFF")]
-    assert {l[1] for l in lines} == {"factored"}, out.stdout
+    assert {l[1] for l in lines} == {"exact", "factored"}, out.stdout
     for _, mode, diff in lines:
         assert float(diff) <= 1e-5, (mode, diff)

@@ -88,14 +88,28 @@ def pi_adjustment(A: jnp.ndarray, G: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(ok, jnp.sqrt(jnp.where(ok, ta / jnp.where(ok, tg, 1.0), 1.0)), 1.0)
 
 
+def _over_batch(fn: Callable, stack: jnp.ndarray):
+    """``fn`` on a stack of matrices: one batched call, except on CPU.
+
+    jaxlib's CPU LAPACK kernels spread a batch over a thread pool and wait
+    for it inside the XLA program; in a program that also keeps XLA's own
+    threads busy (a model's backward pass, collectives) that wait was seen to
+    never return (jax 0.10.2). On CPU the stack is therefore walked by
+    ``lax.map``, one unbatched LAPACK call per matrix.
+    """
+    if jax.default_backend() == "cpu":
+        return jax.lax.map(fn, stack)
+    return fn(stack)
+
+
 def _grouped(mats: Sequence[jnp.ndarray], fn: Callable) -> list:
-    """Apply a batched ``fn`` to matrices grouped by shape; results in order."""
+    """Apply ``fn`` to matrices grouped by shape; results in order."""
     groups: dict = {}
     for i, m in enumerate(mats):
         groups.setdefault(m.shape, []).append(i)
     out: list = [None] * len(mats)
     for idx in groups.values():
-        res = fn(jnp.stack([mats[i] for i in idx]))
+        res = _over_batch(fn, jnp.stack([mats[i] for i in idx]))
         for j, i in enumerate(idx):
             out[i] = jax.tree_util.tree_map(lambda r, j=j: r[j], res)
     return out
@@ -148,7 +162,7 @@ def newton_schulz(mats: jnp.ndarray, x0: jnp.ndarray, iterations: int, tolerance
             x = x + jnp.matmul(x, eye - jnp.matmul(mats, x, precision=HP), precision=HP)
         return _sym(x)
 
-    return jax.lax.cond(ok, refine, lambda _: batched_cholesky_inverse(mats), r)
+    return jax.lax.cond(ok, refine, lambda _: _over_batch(batched_cholesky_inverse, mats), r)
 
 
 def invert(factors: Sequence[tuple], previous: Sequence, mode: str, method: str,
