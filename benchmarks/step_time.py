@@ -45,6 +45,7 @@ import optax  # noqa: E402
 
 import kfac_jax_peft as kp  # noqa: E402
 from kfac_jax_peft import demo, toy  # noqa: E402
+from kfac_jax_peft.peft import split_trainable  # noqa: E402
 
 SIZES = {
     "small": (toy.ToyConfig(vocab_size=1000, hidden=256, heads=4, layers=4, mlp=1024, rank=8,
@@ -83,7 +84,7 @@ def main(argv=None):
     cfg, batch_size = SIZES[args.size]
 
     variables = toy.init(cfg, batch_shape=(batch_size, cfg.max_len))
-    trainable, frozen = toy.split_params(variables["params"])
+    trainable, frozen = split_trainable(variables["params"])
     trainable = jax.tree_util.tree_map(lambda x: x + 0.01, trainable)  # non-zero LoRA B
     probes = variables["kfac"]
     rng = np.random.default_rng(0)

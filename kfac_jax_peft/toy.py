@@ -4,9 +4,11 @@ Used by the demo, the benchmarks and the tests: no downloads. The frozen
 base is a randomly initialised pre-LayerNorm encoder; LoRA
 (:class:`~kfac_jax_peft.peft.PEFTDense`) adapts the query and value
 projections; a dense head classifies the first token.
-Labels come from a *teacher*, the same network with a random non-zero LoRA
-update and its own head, so the task is realisable by the student's
-trainable parameters and training loss can go to (near) zero.
+Split the trainable LoRA and head weights from the frozen base with
+:func:`kfac_jax_peft.peft.split_trainable`. Labels come from a *teacher*,
+the same network with a random non-zero LoRA update and its own head, so
+the task is realisable by the student's trainable parameters and training
+loss can go to (near) zero.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kfac_jax_peft.capture import KFACDense
+from kfac_jax_peft.kfac.transform import path_str
 from kfac_jax_peft.peft import LoRAConfig, PEFTDense
 
 
@@ -74,27 +77,6 @@ class ToyEncoder(nn.Module):
         return KFACDense(c.num_labels, name="classifier")(x[:, 0])
 
 
-def is_trainable(path: str) -> bool:
-    """LoRA factors and the classifier head train; everything else is frozen."""
-    return any(p in ("lora_A", "lora_B", "classifier") for p in path.split("/"))
-
-
-def split_params(params):
-    """``(trainable, frozen)``: two trees with ``None`` where the other has a leaf."""
-    from kfac_jax_peft.kfac.transform import path_str
-
-    def pick(want):
-        return jax.tree_util.tree_map_with_path(
-            lambda p, x: x if is_trainable(path_str(p)) == want else None, params)
-
-    return pick(True), pick(False)
-
-
-def merge_params(trainable, frozen):
-    return jax.tree_util.tree_map(lambda a, b: a if b is None else b, frozen, trainable,
-                                  is_leaf=lambda x: x is None)
-
-
 def init(cfg: ToyConfig, seed: int = 0, batch_shape=(2, 8)) -> dict[str, Any]:
     ids = jnp.zeros(batch_shape, jnp.int32)
     return ToyEncoder(cfg).init(jax.random.key(seed), ids, jnp.ones(batch_shape))
@@ -103,7 +85,6 @@ def init(cfg: ToyConfig, seed: int = 0, batch_shape=(2, 8)) -> dict[str, Any]:
 def make_teacher(cfg: ToyConfig, variables, seed: int = 1, scale: float = 0.5):
     """Variables of the teacher: random LoRA ``B`` and head on the same base."""
     key = jax.random.key(seed)
-    from kfac_jax_peft.kfac.transform import path_str
 
     def perturb(path, x):
         nonlocal key

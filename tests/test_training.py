@@ -10,6 +10,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from kfac_jax_peft import demo, toy
+from kfac_jax_peft.peft import split_trainable
 
 STEPS = 200
 
@@ -45,7 +46,7 @@ def test_checkpoint_round_trip_continues_bit_identically(tmp_path):
     cfg, data = _data()
     rc = demo.RunConfig(learning_rate=0.3, damping=1e-2, invert_every=2)
     variables = toy.init(cfg)
-    trainable, frozen = toy.split_params(variables["params"])
+    trainable, frozen = split_trainable(variables["params"])
     tx = demo.build_tx(rc)
     stats_step, plain_step = demo.make_steps(cfg, frozen, variables["kfac"], tx)
     state = tx.init(trainable)

@@ -304,11 +304,3 @@ def kfac_precondition(
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
-
-def precondition_state_summary(state: KFACState) -> dict:
-    """Host-side summary for logging: inversions, accepted/rejected statistics."""
-    return {
-        "num_inversions": int(state.num_inversions),
-        "num_stats": {p: int(ls.num_stats) for p, ls in state.layers.items()},
-        "num_rejected": {p: int(ls.num_rejected) for p, ls in state.layers.items()},
-    }

@@ -16,6 +16,7 @@ import optax
 
 import kfac_jax_peft as kp
 from kfac_jax_peft import toy
+from kfac_jax_peft.peft import merge_trainable, split_trainable
 
 assert jax.local_device_count() == 4, jax.devices()
 
@@ -23,7 +24,7 @@ cfg = toy.ToyConfig(layers=1)
 variables = toy.init(cfg, seed=0)
 teacher = toy.make_teacher(cfg, variables)
 data = toy.make_dataset(cfg, teacher, 48, seed=3)
-trainable, frozen = toy.split_params(variables["params"])
+trainable, frozen = split_trainable(variables["params"])
 # a non-zero LoRA B so that every factor is non-trivial from the first step
 trainable = jax.tree_util.tree_map(lambda x: x + 0.05, trainable)
 probes = variables["kfac"]
@@ -31,7 +32,7 @@ model = toy.ToyEncoder(cfg)
 
 
 def loss_fn(tr, pr, batch):
-    logits = model.apply({"params": toy.merge_params(tr, frozen), "kfac": pr},
+    logits = model.apply({"params": merge_trainable(tr, frozen), "kfac": pr},
                          batch["ids"], batch["mask"])
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]))
 
