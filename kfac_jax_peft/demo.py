@@ -148,8 +148,22 @@ def compare(steps: int = 200, arms=None, seed: int = 0) -> list[dict]:
         rows.append({"arm": name, "final_loss": float(smooth(losses)[-1]),
                      "steps_to_ref": steps_to_reach(losses, target),
                      "ms_per_step": 1e3 * dt,
-                     "time_ratio": dt / runs[ref][1]})
+                     "time_ratio": dt / runs[ref][1],
+                     "losses": losses})
     return rows
+
+
+def plot(rows: list[dict], out: str) -> str:
+    """Smoothed training loss of every arm against step and against
+    wall-clock (step x measured seconds per step), written to ``out``."""
+    from kfac_jax_peft.finetune.plots import plot_curves
+
+    curves = {}
+    for r in rows:
+        steps = np.arange(1, len(r["losses"]) + 1)
+        curves[r["arm"]] = {"step": steps.tolist(), "loss": smooth(r["losses"]).tolist(),
+                            "wall_clock": (steps * r["ms_per_step"] / 1e3).tolist()}
+    return plot_curves(curves, out, title="built-in task: LoRA training loss")
 
 
 def format_table(rows: list[dict], ref_name: str) -> str:

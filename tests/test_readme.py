@@ -14,10 +14,12 @@ def test_readme_python_blocks_run():
         exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
 
 
-def test_demo_cli_runs_fast_mode(capsys):
+def test_demo_cli_runs_fast_mode(capsys, tmp_path):
     from kfac_jax_peft.__main__ import main
 
-    assert main(["demo", "--steps", "12"]) == 0
+    png = tmp_path / "demo.png"
+    assert main(["demo", "--steps", "12", "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     for arm in ("AdamW", "no clip", "pre-clip", "Newton-step clip"):
         assert arm in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,33 @@
+"""GLUE/SuperGLUE fine-tuning: configuration, optimizer arms, the training
+loop, logs and plots."""
+
+from kfac_jax_peft.finetune.config import ARMS, TrainConfig, from_mapping, load_config
+from kfac_jax_peft.finetune.logs import MetricsLog, read_log
+from kfac_jax_peft.finetune.optim import build_optimizer, learning_rate_schedule
+from kfac_jax_peft.finetune.trainer import (
+    Data,
+    RunResult,
+    evaluate,
+    load_data,
+    make_steps,
+    steps_to_reach,
+    train,
+)
+
+__all__ = [
+    "ARMS",
+    "Data",
+    "MetricsLog",
+    "RunResult",
+    "TrainConfig",
+    "build_optimizer",
+    "evaluate",
+    "from_mapping",
+    "learning_rate_schedule",
+    "load_config",
+    "load_data",
+    "make_steps",
+    "read_log",
+    "steps_to_reach",
+    "train",
+]

@@ -1,0 +1,61 @@
+"""The optimizer chain of a run (the paper's four arms, and SGD)."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from kfac_jax_peft.clipping import clip_by_update_norm
+from kfac_jax_peft.finetune.config import TrainConfig
+from kfac_jax_peft.kfac.transform import kfac_precondition
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0 to ``learning_rate`` over ``round(warmup_ratio
+    * steps)`` steps, then linear decay to 0 at ``steps``."""
+    warmup = int(round(cfg.warmup_ratio * cfg.steps))
+    decay = optax.linear_schedule(cfg.learning_rate, 0.0, max(cfg.steps - warmup, 1))
+    if warmup == 0:
+        return decay
+    rise = optax.linear_schedule(0.0, cfg.learning_rate, warmup)
+    return optax.join_schedules([rise, decay], [warmup])
+
+
+def decay_mask(params):
+    """Weight decay on matrices only (not biases, not LayerNorm scales)."""
+    return jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
+
+
+def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None
+                    ) -> optax.GradientTransformationExtraArgs:
+    """The chain of ``cfg.optimizer`` with ``cfg.clip``::
+
+        adamw: [clip(max_norm)] -> adamw(schedule, weight_decay)
+        sgd:   [clip(max_norm)] -> decay -> -schedule
+        kfac:  post: kfac_precondition -> clip(max_norm) -> decay -> -schedule
+               pre:  clip(max_norm) -> kfac_precondition -> decay -> -schedule
+               none: kfac_precondition -> decay -> -schedule
+
+    ``clip`` is ``clip_by_update_norm`` (its state records the clip rate).
+    For AdamW and SGD, ``"post"`` clips the final step direction of SGD
+    and is refused for AdamW (whose step is bounded by construction).
+    ``axis_name`` is the data-parallel axis of a pmapped step.
+    """
+    lr = learning_rate_schedule(cfg)
+    clip = [clip_by_update_norm(cfg.max_norm)]
+    wd = optax.add_decayed_weights(cfg.weight_decay, decay_mask) if cfg.weight_decay else None
+    tail = ([wd] if wd is not None else []) + [optax.scale_by_learning_rate(lr)]
+    if cfg.optimizer == "adamw":
+        if cfg.clip == "post":
+            raise ValueError("optimizer='adamw' supports clip='pre' (gradient clipping) or "
+                             "'none'; post-clipping is K-FAC's Newton-step clipping")
+        parts = clip if cfg.clip == "pre" else []
+        return optax.chain(*parts, optax.adamw(lr, weight_decay=cfg.weight_decay,
+                                               mask=decay_mask))
+    if cfg.optimizer == "sgd":
+        parts = clip if cfg.clip != "none" else []
+        return optax.chain(*parts, *tail)
+    pre = kfac_precondition(cfg.damping, decay=cfg.decay, invert_every=cfg.invert_every,
+                            damping_mode=cfg.damping_mode, axis_name=axis_name)
+    parts = {"post": [pre, *clip], "pre": [*clip, pre], "none": [pre]}[cfg.clip]
+    return optax.chain(*parts, *tail)

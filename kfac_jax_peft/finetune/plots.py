@@ -1,0 +1,85 @@
+"""Plots of one or several runs from their metrics logs (matplotlib, no display).
+
+:func:`plot_runs` draws, for every run, the training loss against step and
+against wall-clock seconds, the validation metric against step, and the
+clip rate (fraction of steps whose update was clipped, per logging window)
+against step: the panels of the paper's Fig. 4, 5 and 10.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+from kfac_jax_peft.finetune.logs import read_log, select
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(curves: Mapping[str, Mapping[str, Sequence]], out: str, *,
+                title: str | None = None) -> str:
+    """Plot curves given in memory: ``{label: {"step": [...], "loss": [...],
+    optional "wall_clock", "clip_rate", "eval_step", "eval_metric"}}``.
+    Panels without data are omitted. Returns ``out``."""
+    plt = _pyplot()
+    panels = [("loss", "step", "training loss", "step")]
+    if any("wall_clock" in c for c in curves.values()):
+        panels.append(("loss", "wall_clock", "training loss", "wall-clock (s)"))
+    if any("eval_metric" in c for c in curves.values()):
+        panels.append(("eval_metric", "eval_step", "validation metric", "step"))
+    if any(v is not None for c in curves.values() for v in c.get("clip_rate", ())):
+        panels.append(("clip_rate", "step", "clip rate", "step"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (ykey, xkey, ylabel, xlabel) in zip(axes[0], panels):
+        for label, c in curves.items():
+            points = [(x, y) for x, y in zip(c.get(xkey, ()), c.get(ykey, ())) if y is not None]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, label=label, marker="o" if ykey == "eval_metric" else None,
+                        markersize=3)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if ykey == "loss":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def run_curves(run_dir: str) -> dict[str, list]:
+    """The curves of one run folder, from its ``metrics.jsonl``."""
+    records = read_log(run_dir)
+    train = select(records, "train")
+    evals = select(records, "eval", "validation")
+    return {
+        "step": [r["step"] for r in train],
+        "loss": [r["loss"] for r in train],
+        "wall_clock": [r["wall_clock"] for r in train],
+        "clip_rate": [r.get("clip_rate") for r in train],
+        "eval_step": [r["step"] for r in evals],
+        "eval_metric": [r["main"] for r in evals],
+    }
+
+
+def plot_runs(run_dirs: Sequence[str], out: str, *, labels: Sequence[str] | None = None,
+              title: str | None = None) -> str:
+    """Plot several run folders on shared axes (labels default to the folder names)."""
+    labels = list(labels) if labels is not None else [
+        os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    curves = {lab: run_curves(d) for lab, d in zip(labels, run_dirs)}
+    return plot_curves(curves, out, title=title)

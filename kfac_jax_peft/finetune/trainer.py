@@ -1,0 +1,427 @@
+"""The fine-tuning loop: data, model, optimizer, evaluation, checkpoints, logs.
+
+One step (see ``DESIGN.md``): the host picks the step kind, K-FAC's
+*statistics step* (statistics captured in the backward pass and folded into
+the factors; the transformation re-inverts when ``invert_every`` calls have
+passed) every ``stats_interval`` steps, the *plain step* otherwise (the
+stored inverse only). Both are compiled once. With ``devices > 1`` the steps
+are ``pmap``-ped over local devices: each device takes ``batch_size /
+devices`` examples, gradients are averaged (``pmean``) and K-FAC's raw
+statistics summed (``psum``) over the axis, so the update equals the
+one-device update on the global batch.
+
+Determinism: the batch of step ``s`` depends only on ``(seed, s)``, the
+dropout key is ``fold_in(PRNGKey(seed), s)``, and a checkpoint holds the
+trainable parameters, the optimizer state and the best-so-far record, so a
+run resumed from its checkpoint ends with the same parameters as an
+uninterrupted one.
+
+Run folder::
+
+    config.json        the TrainConfig
+    metrics.jsonl      the log (:mod:`kfac_jax_peft.finetune.logs`)
+    checkpoints/       orbax checkpoints (written atomically; latest kept)
+    best.safetensors   the trainable weights of the best validation step
+    results.json       the summary (also the last log record)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from kfac_jax_peft import data as D
+from kfac_jax_peft import metrics as M
+from kfac_jax_peft.capture import kfac_value_and_grad
+from kfac_jax_peft.clipping import clip_stats
+from kfac_jax_peft.finetune.config import TrainConfig
+from kfac_jax_peft.finetune.logs import MetricsLog
+from kfac_jax_peft.finetune.model import TaskModel, build_task_model
+from kfac_jax_peft.finetune.optim import build_optimizer, learning_rate_schedule
+from kfac_jax_peft.models.loading import load_tokenizer
+from kfac_jax_peft.peft import count_trainable, merge_trainable, save_peft, split_trainable
+
+AXIS = "devices"
+
+
+@dataclasses.dataclass
+class Data:
+    """Encoded splits of a task: ``train``, ``validation``, ``test``."""
+
+    spec: D.TaskSpec
+    train: D.Encoded
+    validation: D.Encoded
+    test: D.Encoded
+
+
+def load_data(cfg: TrainConfig, tokenizer=None) -> Data:
+    """The task's data in the paper's split protocol (split seed 0, so every
+    training seed sees the same validation and test sets), tokenized with
+    the model's tokenizer."""
+    spec = D.get_task(cfg.task)
+    splits = D.paper_splits(D.load_raw(spec, cfg.data_dir), seed=0)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model)
+    enc = {k: D.encode(v, tokenizer, spec, max_length=cfg.max_length) for k, v in splits.items()}
+    return Data(spec, enc["train"], enc["validation"], enc["test"])
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
+               axis_name: str | None = None) -> tuple[Callable, Callable, Callable]:
+    """``(stats_step, plain_step, predict)``, un-jitted.
+
+    ``stats_step(trainable, opt_state, frozen, probes, batch, rng)`` and
+    ``plain_step(trainable, opt_state, frozen, batch, rng)`` return
+    ``(trainable, opt_state, loss)``; ``predict(trainable, frozen, batch)``
+    returns the predictions. With ``axis_name`` they average the loss and
+    gradients over that axis and the K-FAC transformation sums its
+    statistics over it.
+    """
+
+    def loss_fn(trainable, frozen, probes, batch, rng):
+        logits = model.logits(merge_trainable(trainable, frozen), probes, batch, rng)
+        return model.loss(logits, batch)
+
+    def reduce(loss, grads):
+        if axis_name is None:
+            return loss, grads
+        return jax.lax.pmean(loss, axis_name), jax.lax.pmean(grads, axis_name)
+
+    grad_stats = kfac_value_and_grad(
+        lambda tr, probes, frozen, batch, rng: loss_fn(tr, frozen, probes, batch, rng))
+
+    def device_rng(rng):
+        # different dropout masks on different devices
+        return rng if axis_name is None else jax.random.fold_in(
+            rng, jax.lax.axis_index(axis_name))
+
+    def stats_step(trainable, opt_state, frozen, probes, batch, rng):
+        rng = device_rng(rng)
+        loss, grads, stats = grad_stats(trainable, probes, frozen, batch, rng)
+        loss, grads = reduce(loss, grads)
+        updates, opt_state = tx.update(grads, opt_state, trainable, kfac_stats=stats)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    def plain_step(trainable, opt_state, frozen, batch, rng):
+        rng = device_rng(rng)
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, None, batch, rng)
+        loss, grads = reduce(loss, grads)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    def predict(trainable, frozen, batch):
+        logits = model.logits(merge_trainable(trainable, frozen), None, batch, None)
+        return model.predictions(logits)
+
+    return stats_step, plain_step, predict
+
+
+class _Executor:
+    """Runs the steps with ``jit`` on one device or ``pmap`` over several;
+    converts between host trees and (replicated) device trees."""
+
+    def __init__(self, model, tx, num_devices: int):
+        self.n = num_devices
+        axis = AXIS if num_devices > 1 else None
+        stats_step, plain_step, predict = make_steps(model, tx, axis_name=axis)
+        if num_devices == 1:
+            self.stats_step = jax.jit(stats_step, donate_argnums=(0, 1))
+            self.plain_step = jax.jit(plain_step, donate_argnums=(0, 1))
+            self.predict = jax.jit(predict)
+        else:
+            devices = jax.local_devices()[:num_devices]
+            self.devices = devices
+            self.stats_step = jax.pmap(stats_step, AXIS, devices=devices,
+                                       in_axes=(0, 0, 0, 0, 0, None), donate_argnums=(0, 1))
+            self.plain_step = jax.pmap(plain_step, AXIS, devices=devices,
+                                       in_axes=(0, 0, 0, 0, None), donate_argnums=(0, 1))
+            self.predict = jax.pmap(predict, AXIS, devices=devices)
+            self._replicate = jax.pmap(lambda x: x, devices=devices)
+
+    def put(self, tree):
+        if self.n == 1:
+            return jax.device_put(tree)
+        stacked = jax.tree_util.tree_map(
+            lambda x: np.broadcast_to(np.asarray(x), (self.n,) + np.shape(x)), tree)
+        return self._replicate(stacked)
+
+    def get(self, tree):
+        if self.n == 1:
+            return jax.device_get(tree)
+        return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], tree))
+
+    def shard(self, batch: dict) -> dict:
+        if self.n == 1:
+            return batch
+        return {k: v.reshape((self.n, v.shape[0] // self.n) + v.shape[1:])
+                for k, v in batch.items()}
+
+    def unshard(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        return x if self.n == 1 else x.reshape((-1,) + x.shape[2:])
+
+    def scalar(self, x) -> float:
+        x = np.asarray(x)
+        return float(x if self.n == 1 else x[0])
+
+
+def evaluate(ex: _Executor, trainable, frozen, encoded: D.Encoded, spec: D.TaskSpec,
+             batch_size: int) -> dict[str, float]:
+    """The task's metrics on one split (all examples, in order)."""
+    preds, labels = [], []
+    for batch in D.eval_batches(encoded, batch_size):
+        p = ex.unshard(ex.predict(trainable, frozen, ex.shard(batch)))
+        keep = batch["valid"] > 0
+        preds.append(p[keep])
+        labels.append(batch["labels"][keep])
+    preds, labels = np.concatenate(preds), np.concatenate(labels)
+    out = M.compute_metrics(spec, preds, labels)
+    out["main"] = M.main_metric(spec, out)
+    return out
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _manager(run_dir: str):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(run_dir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+        item_names=("state", "meta"))
+
+
+def _save(manager, step: int, state: dict, meta: dict) -> None:
+    import orbax.checkpoint as ocp
+
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               meta=ocp.args.JsonSave(meta)))
+    manager.wait_until_finished()
+
+
+def _restore(manager, template: dict) -> tuple[int, dict, dict] | None:
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step()
+    if step is None:
+        return None
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+    out = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return step, out["state"], out["meta"]
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What :func:`train` returns (and writes to ``results.json``)."""
+
+    output_dir: str
+    steps: int
+    final_loss: float
+    best_step: int
+    validation: dict[str, float]
+    test: dict[str, float]
+    wall_clock: float
+    trainable_params: str
+    trainable: Any = dataclasses.field(repr=False, default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("trainable")
+        return d
+
+
+def _num_devices(cfg: TrainConfig) -> int:
+    available = jax.local_device_count()
+    n = available if cfg.devices == 0 else cfg.devices
+    if n > available:
+        raise ValueError(f"devices={n} but only {available} local devices are available")
+    for name in ("batch_size", "eval_batch_size"):
+        value = getattr(cfg, name) or cfg.batch_size
+        if value % n:
+            raise ValueError(f"{name}={value} is not divisible by the {n} devices")
+    return n
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, data: Data | None = None,
+          stop_after: int | None = None) -> RunResult:
+    """Fine-tune ``cfg.model`` on ``cfg.task``; see the module docstring.
+
+    ``resume``: continue from the latest checkpoint in ``cfg.output_dir``
+    (an error if there is none). ``data``: pre-loaded data (otherwise
+    loaded from ``cfg``). ``stop_after``: stop (after checkpointing) once
+    this step is reached, without the final test evaluation; used to test
+    resumption.
+    """
+    n = _num_devices(cfg)
+    data = data or load_data(cfg)
+    spec = data.spec
+    model, variables = build_task_model(cfg, spec)
+    trainable, frozen = split_trainable(variables["params"])
+    probes = variables.get("kfac")
+    tx = build_optimizer(cfg, axis_name=AXIS if n > 1 else None)
+    opt_state = tx.init(trainable)
+    ex = _Executor(model, tx, n)
+    uses_stats = cfg.optimizer == "kfac" and probes is not None
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
+    schedule = learning_rate_schedule(cfg)
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    manager = _manager(cfg.output_dir)
+    meta = {"step": 0, "best_step": -1, "best_metric": None, "wall_clock": 0.0,
+            "last_loss": math.nan}
+    best_trainable = jax.tree_util.tree_map(np.asarray, trainable)
+    if resume:
+        restored = _restore(manager, {"trainable": trainable, "opt_state": opt_state,
+                                      "best": best_trainable})
+        if restored is None:
+            raise FileNotFoundError(f"resume: no checkpoint in {cfg.output_dir!r}")
+        _, state, meta = restored
+        trainable, opt_state = state["trainable"], state["opt_state"]
+        best_trainable = jax.tree_util.tree_map(np.asarray, state["best"])
+    else:
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=1)
+    start = int(meta["step"])
+    log = MetricsLog(cfg.output_dir, resume_step=start if resume else None)
+    if not resume:
+        log.write("start", step=0, task=spec.name, trainable_params=count_trainable(
+            variables["params"]), num_train=len(data.train.labels),
+            num_validation=len(data.validation.labels), num_test=len(data.test.labels),
+            devices=n)
+
+    trainable, opt_state = ex.put(trainable), ex.put(opt_state)
+    frozen_d = ex.put(frozen)
+    probes_d = ex.put(probes) if uses_stats else None
+    key = jax.random.PRNGKey(cfg.seed)
+    stream = D.train_batches(data.train, cfg.batch_size, seed=cfg.seed, start_step=start)
+
+    wall = float(meta["wall_clock"])
+    window: list[jax.Array] = []
+    last_clip = _clip_counts(ex, opt_state)
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = _progress(cfg, start, end)
+    t0 = time.perf_counter()
+    for step in range(start, end):
+        batch = ex.shard(next(stream))
+        rng = jax.random.fold_in(key, step)
+        if uses_stats and step % cfg.stats_interval == 0:
+            trainable, opt_state, loss = ex.stats_step(trainable, opt_state, frozen_d,
+                                                       probes_d, batch, rng)
+        else:
+            trainable, opt_state, loss = ex.plain_step(trainable, opt_state, frozen_d,
+                                                       batch, rng)
+        window.append(loss)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == end:
+            losses = [ex.scalar(x) for x in window]  # blocks: the wall clock is honest
+            wall += time.perf_counter() - t0
+            window = []
+            mean_loss = float(np.mean(losses))
+            if not math.isfinite(mean_loss):
+                log.write("error", step=done, message="non-finite training loss")
+                log.close()
+                raise FloatingPointError(
+                    f"training loss became {mean_loss} at step {done}; lower the learning "
+                    "rate or raise the damping (the last checkpoint is intact)")
+            clip = _clip_counts(ex, opt_state)
+            rate = _rate(clip, last_clip)
+            last_clip = clip
+            lr = float(schedule(step))
+            meta["last_loss"] = mean_loss
+            log.write("train", step=done, loss=mean_loss, lr=lr, clip_rate=rate,
+                      update_norm=clip[2], wall_clock=wall)
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
+                                clip="-" if rate is None else f"{rate:.2f}")
+            t0 = time.perf_counter()
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            host_tr = ex.get(trainable)
+            val = evaluate(ex, trainable, frozen_d, data.validation, spec, eval_bs)
+            log.write("eval", step=done, split="validation", wall_clock=wall, **val)
+            if meta["best_metric"] is None or val["main"] > meta["best_metric"]:
+                meta.update(best_metric=val["main"], best_step=done)
+                best_trainable = jax.tree_util.tree_map(np.asarray, host_tr)
+                save_peft(os.path.join(cfg.output_dir, "best.safetensors"), best_trainable,
+                          {"step": done, "task": spec.name, **cfg.to_dict()})
+            t0 = time.perf_counter()
+        if done % cfg.checkpoint_every == 0 or done == end:
+            meta.update(step=done, wall_clock=wall)
+            _save(manager, done, {"trainable": ex.get(trainable),
+                                  "opt_state": ex.get(opt_state), "best": best_trainable},
+                  meta)
+            t0 = time.perf_counter()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    final = ex.get(trainable)
+    if end < cfg.steps:
+        log.close()
+        return RunResult(cfg.output_dir, end, float(meta["last_loss"]),
+                         int(meta["best_step"]), {}, {}, wall, count_trainable(
+                             variables["params"]), final)
+    best_d = ex.put(best_trainable)
+    val = evaluate(ex, best_d, frozen_d, data.validation, spec, eval_bs)
+    test = evaluate(ex, best_d, frozen_d, data.test, spec, eval_bs)
+    log.write("eval", step=cfg.steps, split="test", wall_clock=wall, best_step=meta[
+        "best_step"], **test)
+    result = RunResult(cfg.output_dir, cfg.steps, float(meta["last_loss"]),
+                       int(meta["best_step"]), val, test, wall,
+                       count_trainable(variables["params"]), final)
+    log.write("summary", step=cfg.steps, **result.to_dict())
+    log.close()
+    with open(os.path.join(cfg.output_dir, "results.json"), "w") as f:
+        json.dump(result.to_dict(), f, indent=1)
+    return result
+
+
+def _clip_counts(ex: _Executor, opt_state) -> tuple[int, int, float | None]:
+    """``(calls, clipped calls, last norm)`` of the chain's first clip."""
+    s = clip_stats(opt_state)
+    if s is None:
+        return (0, 0, None)
+    return (int(ex.scalar(s.count)), int(ex.scalar(s.num_clipped)), ex.scalar(s.norm))
+
+
+def _rate(now, before) -> float | None:
+    calls = now[0] - before[0]
+    return None if calls <= 0 else (now[1] - before[1]) / calls
+
+
+def _progress(cfg: TrainConfig, start: int, end: int):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=end, initial=start, desc=f"{cfg.task} {cfg.optimizer}/{cfg.clip}",
+                unit="step", dynamic_ncols=True)
+
+
+def steps_to_reach(records: list[dict], target: float) -> int | None:
+    """The first logged step whose training loss is at most ``target``."""
+    for r in records:
+        if r.get("kind") == "train" and r["loss"] <= target:
+            return int(r["step"])
+    return None
+
+
+__all__ = ["Data", "RunResult", "evaluate", "load_data", "make_steps", "steps_to_reach",
+           "train"]
