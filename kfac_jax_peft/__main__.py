@@ -54,6 +54,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     from kfac_jax_peft.finetune.config import FIELDS
 
     p.add_argument("--config", help="JSON or TOML file of TrainConfig keys (flags override)")
+    p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help="keep compiled steps in DIR (JAX's persistent cache) across runs")
     for name, field in FIELDS.items():
         typ, nargs = _field_type(field)
         flag = "--" + name.replace("_", "-")
@@ -73,10 +75,18 @@ def _config(args):
     return from_mapping(values, source=args.config or "flags")
 
 
+def _cache(args) -> None:
+    if args.compilation_cache:
+        from kfac_jax_peft.finetune import enable_compilation_cache
+
+        enable_compilation_cache(args.compilation_cache)
+
+
 def _train(args) -> int:
     from kfac_jax_peft.finetune import train
 
     cfg = _config(args)
+    _cache(args)
     result = train(cfg, resume=args.resume)
     print(json.dumps(result.to_dict(), indent=1))
     return 0
@@ -86,6 +96,7 @@ def _compare(args) -> int:
     from kfac_jax_peft.finetune.compare import compare, format_rows
 
     cfg = _config(args)
+    _cache(args)
     overrides = json.loads(args.arm_overrides) if args.arm_overrides else None
     rows = compare(cfg, args.arms, args.seeds, overrides=overrides, reference=args.reference)
     print(format_rows(rows))

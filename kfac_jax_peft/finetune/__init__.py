@@ -7,6 +7,7 @@ from kfac_jax_peft.finetune.optim import build_optimizer, learning_rate_schedule
 from kfac_jax_peft.finetune.trainer import (
     Data,
     RunResult,
+    enable_compilation_cache,
     evaluate,
     load_data,
     make_steps,
@@ -21,6 +22,7 @@ __all__ = [
     "RunResult",
     "TrainConfig",
     "build_optimizer",
+    "enable_compilation_cache",
     "evaluate",
     "from_mapping",
     "learning_rate_schedule",

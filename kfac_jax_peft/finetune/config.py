@@ -35,7 +35,8 @@ class TrainConfig:
     Data: ``task`` (a name of :data:`kfac_jax_peft.data.TASKS`), ``data_dir``
     (a local folder in a supported layout; ``None`` loads from the hub),
     ``max_length`` tokens, ``batch_size`` (the global batch, split over
-    ``devices``).
+    ``devices``). Batches are padded to their longest sequence rounded up to
+    ``pad_to_multiple_of`` (each padded length is one compiled shape).
 
     Model: ``model`` is a Hugging Face checkpoint folder (RoBERTa, BERT or
     T5). ``peft``: ``"lora"`` (rank ``lora_rank``, ``lora_alpha``, on
@@ -59,6 +60,9 @@ class TrainConfig:
     ``save_every`` steps (default ``eval_every``) write a resumable
     checkpoint. ``log_every`` steps write a training record. ``devices``:
     how many local devices to train on data-parallel (0 = all).
+    ``precompile``: compile every step kind for every padded length before
+    the clock starts, so that the logged wall-clock is training time and
+    not compilation time.
     """
 
     task: str = "rte"
@@ -66,6 +70,7 @@ class TrainConfig:
     model: str | None = None
     output_dir: str = "runs/run"
     max_length: int = 128
+    pad_to_multiple_of: int = 16
     batch_size: int = 16
     eval_batch_size: int | None = None
     peft: str = "lora"
@@ -92,6 +97,7 @@ class TrainConfig:
     seed: int = 0
     devices: int = 1
     progress: bool = True
+    precompile: bool = True
 
     def __post_init__(self):
         if isinstance(self.lora_targets, str):
@@ -102,7 +108,7 @@ class TrainConfig:
         _check_choice("clip", self.clip, CLIP_MODES)
         _check_choice("peft", self.peft, PEFT_METHODS)
         for name in ("batch_size", "steps", "eval_every", "log_every", "invert_every",
-                     "max_length"):
+                     "max_length", "pad_to_multiple_of"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.stats_every is not None and self.stats_every < 1:

@@ -178,10 +178,10 @@ class _Executor:
 
 
 def evaluate(ex: _Executor, trainable, frozen, encoded: D.Encoded, spec: D.TaskSpec,
-             batch_size: int) -> dict[str, float]:
+             batch_size: int, pad_to_multiple_of: int = 16) -> dict[str, float]:
     """The task's metrics on one split (all examples, in order)."""
     preds, labels = [], []
-    for batch in D.eval_batches(encoded, batch_size):
+    for batch in D.eval_batches(encoded, batch_size, pad_to_multiple_of=pad_to_multiple_of):
         p = ex.unshard(ex.predict(trainable, frozen, ex.shard(batch)))
         keep = batch["valid"] > 0
         preds.append(p[keep])
@@ -247,6 +247,16 @@ class RunResult:
         return d
 
 
+def enable_compilation_cache(path: str) -> None:
+    """Keep compiled steps in ``path`` (JAX's persistent compilation cache),
+    so that runs differing only in seed, data or run folder skip XLA
+    compilation. A process-wide JAX setting."""
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def _num_devices(cfg: TrainConfig) -> int:
     available = jax.local_device_count()
     n = available if cfg.devices == 0 else cfg.devices
@@ -310,7 +320,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, data: Data | None = None,
     frozen_d = ex.put(frozen)
     probes_d = ex.put(probes) if uses_stats else None
     key = jax.random.PRNGKey(cfg.seed)
-    stream = D.train_batches(data.train, cfg.batch_size, seed=cfg.seed, start_step=start)
+    stream = D.train_batches(data.train, cfg.batch_size, seed=cfg.seed, start_step=start,
+                             pad_to_multiple_of=cfg.pad_to_multiple_of)
+    if cfg.precompile:
+        seconds = _precompile(ex, cfg, data, trainable, opt_state, frozen_d, probes_d,
+                              uses_stats)
+        log.write("compile", step=start, seconds=seconds)
 
     wall = float(meta["wall_clock"])
     window: list[jax.Array] = []
@@ -353,7 +368,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, data: Data | None = None,
             t0 = time.perf_counter()
         if done % cfg.eval_every == 0 or done == cfg.steps:
             host_tr = ex.get(trainable)
-            val = evaluate(ex, trainable, frozen_d, data.validation, spec, eval_bs)
+            val = evaluate(ex, trainable, frozen_d, data.validation, spec, eval_bs,
+                           cfg.pad_to_multiple_of)
             log.write("eval", step=done, split="validation", wall_clock=wall, **val)
             if meta["best_metric"] is None or val["main"] > meta["best_metric"]:
                 meta.update(best_metric=val["main"], best_step=done)
@@ -379,8 +395,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, data: Data | None = None,
                          int(meta["best_step"]), {}, {}, wall, count_trainable(
                              variables["params"]), final)
     best_d = ex.put(best_trainable)
-    val = evaluate(ex, best_d, frozen_d, data.validation, spec, eval_bs)
-    test = evaluate(ex, best_d, frozen_d, data.test, spec, eval_bs)
+    val = evaluate(ex, best_d, frozen_d, data.validation, spec, eval_bs, cfg.pad_to_multiple_of)
+    test = evaluate(ex, best_d, frozen_d, data.test, spec, eval_bs, cfg.pad_to_multiple_of)
     log.write("eval", step=cfg.steps, split="test", wall_clock=wall, best_step=meta[
         "best_step"], **test)
     result = RunResult(cfg.output_dir, cfg.steps, float(meta["last_loss"]),
@@ -391,6 +407,49 @@ def train(cfg: TrainConfig, *, resume: bool = False, data: Data | None = None,
     with open(os.path.join(cfg.output_dir, "results.json"), "w") as f:
         json.dump(result.to_dict(), f, indent=1)
     return result
+
+
+def _padded_lengths(cfg: TrainConfig, data: Data) -> list[int]:
+    """Every length a training batch can be padded to."""
+    m = cfg.pad_to_multiple_of
+    longest = max(int(np.max(data.train.lengths)), 1)
+    top = -(-longest // m) * m
+    return list(range(m, top + 1, m))
+
+
+def _resize(batch: dict, length: int, pad_id: int) -> dict:
+    """A batch cut or padded (with padding tokens) to ``length`` tokens."""
+    out = {}
+    for k, v in batch.items():
+        if k in ("input_ids", "attention_mask", "token_type_ids"):
+            cur = v.shape[-1]
+            if cur >= length:
+                v = v[..., :length]
+            else:
+                fill = pad_id if k == "input_ids" else 0
+                pad = np.full(v.shape[:-1] + (length - cur,), fill, v.dtype)
+                v = np.concatenate([v, pad], axis=-1)
+        out[k] = v
+    return out
+
+
+def _precompile(ex: _Executor, cfg: TrainConfig, data: Data, trainable, opt_state, frozen,
+                probes, uses_stats: bool) -> float:
+    """Run every step kind once on every padded length, on copies of the
+    state (the steps donate their inputs); returns the seconds spent."""
+    t0 = time.perf_counter()
+    first = next(D.train_batches(data.train, cfg.batch_size, seed=cfg.seed,
+                                 pad_to_multiple_of=cfg.pad_to_multiple_of))
+    rng = jax.random.PRNGKey(0)
+    copy = lambda tree: jax.tree_util.tree_map(lambda x: x.copy(), tree)
+    for length in _padded_lengths(cfg, data):
+        batch = ex.shard(_resize(first, length, data.train.pad_id))
+        outs = [ex.plain_step(copy(trainable), copy(opt_state), frozen, batch, rng)]
+        if uses_stats:
+            outs.append(ex.stats_step(copy(trainable), copy(opt_state), frozen, probes,
+                                      batch, rng))
+        jax.block_until_ready(outs)
+    return time.perf_counter() - t0
 
 
 def _clip_counts(ex: _Executor, opt_state) -> tuple[int, int, float | None]:
@@ -423,5 +482,5 @@ def steps_to_reach(records: list[dict], target: float) -> int | None:
     return None
 
 
-__all__ = ["Data", "RunResult", "evaluate", "load_data", "make_steps", "steps_to_reach",
-           "train"]
+__all__ = ["Data", "RunResult", "enable_compilation_cache", "evaluate", "load_data",
+           "make_steps", "steps_to_reach", "train"]
