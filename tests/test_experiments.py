@@ -48,3 +48,18 @@ def test_experiment_script(common_args, tmp_path, script, extra, table, needle):
     before = sorted(p.name for p in out.rglob("results.json"))
     assert module.main(common_args + extra + ["--out", str(out)]) == 0
     assert sorted(p.name for p in out.rglob("results.json")) == before
+
+
+def test_glue_script_tunes_then_compares(common_args, tmp_path):
+    module = importlib.import_module("glue_minilm")
+    out = tmp_path / "glue"
+    assert module.main(common_args + ["--tasks", "rte",
+                               "--seeds", "0", "1", "--four-arm-seeds", "0",
+                               "--grid-adamw", "1e-3", "--grid-kfac", "0.1", "0.3",
+                               "--out", str(out)]) == 0
+    report = (out / "results.md").read_text()
+    assert "## rte" in report and "kfac-pre" in report and "Chosen: AdamW 0.001" in report
+    cmp = out / "rte" / "compare"
+    assert sorted(p.name for p in (cmp / "adamw").iterdir()) == ["seed0", "seed1"]
+    assert sorted(p.name for p in (cmp / "kfac-none").iterdir()) == ["seed0"]
+    assert (cmp / "summary.json").exists() and (cmp / "four_arms.json").exists()

@@ -60,9 +60,11 @@ def arm_config(base: TrainConfig, arm: str, overrides: Mapping[str, Mapping] | N
 
 def compare(base: TrainConfig, arms: Sequence[str], seeds: Sequence[int], *,
             overrides: Mapping[str, Mapping] | None = None, reference: str | None = None,
-            data: Data | None = None, plot: bool = True) -> list[dict[str, Any]]:
+            data: Data | None = None, plot: bool = True,
+            name: str = "summary") -> list[dict[str, Any]]:
     """Train and summarise; returns one row per arm (see the module doc) and
-    writes ``summary.json`` and ``comparison.png`` into ``base.output_dir``."""
+    writes ``<name>.json`` and (with ``plot``) ``comparison.png``, or
+    ``<name>.png`` for another ``name``, into ``base.output_dir``."""
     reference = reference or arms[0]
     if reference not in arms:
         raise ValueError(f"reference arm {reference!r} is not among the arms {list(arms)}")
@@ -91,12 +93,13 @@ def compare(base: TrainConfig, arms: Sequence[str], seeds: Sequence[int], *,
             s.wall_clock.append(res["wall_clock"])
             s.steps_to_reference.append(steps_to_reach(read_log(run_dir), ref_loss[seed]))
         rows.append(s.row())
-    with open(os.path.join(base.output_dir, "summary.json"), "w") as f:
+    with open(os.path.join(base.output_dir, f"{name}.json"), "w") as f:
         json.dump({"task": base.task, "seeds": list(seeds), "reference": reference,
                    "rows": rows}, f, indent=1)
     if plot:
         dirs = [os.path.join(base.output_dir, arm, f"seed{seeds[0]}") for arm in arms]
-        plot_runs(dirs, os.path.join(base.output_dir, "comparison.png"), labels=list(arms),
+        png = "comparison.png" if name == "summary" else f"{name}.png"
+        plot_runs(dirs, os.path.join(base.output_dir, png), labels=list(arms),
                   title=f"{base.task} (seed {seeds[0]})")
     return rows
 
