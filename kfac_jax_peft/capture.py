@@ -211,7 +211,7 @@ class KFACDense(nn.Module):
         return dense(x, kernel, bias, probe=probe, mask=mask)
 
 
-FISHER_TYPES = ("empirical", "sampled", "exact")
+FISHER_TYPES = ("empirical", "sampled", "exact", "ief")
 LIKELIHOODS = ("categorical", "gaussian")
 
 
@@ -250,6 +250,28 @@ def _fisher_cotangents(outputs: Array, likelihood: str, fisher_type: str,
     return (cot / rows).astype(outputs.dtype)
 
 
+def _ief_cotangents(dout: Array) -> Array:
+    """Per-example unit output cotangents for iEF-rescaled statistics.
+
+    ``dout [N, ...]`` is the gradient of the loss with respect to the
+    outputs; example ``n``'s rows ``dout[n]`` are proportional to ``grad_z
+    l_n`` whatever the loss's weight of that example. Returns ``dout[n] /
+    ||dout[n]|| / N'`` (norm over all of ``n``'s positions, zero where
+    ``dout[n] = 0``), ``N'`` the number of examples with a nonzero output
+    gradient. Pulled back, the layer cotangents are ``g_t = ghat_t / (N'
+    ||grad_z l_n||)`` with ``ghat_t = dl_n/dy_t``, and the module's
+    ``G = N'^2 sum_t g_t g_t^T`` gives ``G / N' = (1/N') sum_n sum_{t in n}
+    ghat_t ghat_t^T / ||grad_z l_n||^2``.
+    """
+    d = dout.astype(jnp.promote_types(dout.dtype, jnp.float32))
+    sq = jnp.sum(d.reshape(d.shape[0], -1) ** 2, axis=1)
+    nz = sq > 0
+    inv = jnp.where(nz, jax.lax.rsqrt(jnp.where(nz, sq, 1.0)), 0.0)
+    n = jnp.maximum(jnp.sum(nz.astype(d.dtype)), 1.0)
+    cot = d * (inv / n).reshape((-1,) + (1,) * (d.ndim - 1))
+    return cot.astype(dout.dtype)
+
+
 def kfac_value_and_grad(model_fn: Callable, loss_fn: Callable | None = None, *,
                         fisher_type: str = "empirical",
                         likelihood: str = "categorical",
@@ -272,9 +294,35 @@ def kfac_value_and_grad(model_fn: Callable, loss_fn: Callable | None = None, *,
       classes of GLUE heads). ``outputs`` are logits ``[..., C]`` for
       ``likelihood="categorical"`` or means for ``"gaussian"`` (unit
       variance); the Fisher losses are means over all leading positions.
+      It also supports ``fisher_type="ief"``: the empirical Fisher with each
+      example rescaled by its logits-level gradient norm (below).
 
     The paper's setting is the empirical Fisher (its equation 6), which is
     also the default.
+
+    **iEF-rescaled statistics** (``fisher_type="ief"``). The improved
+    empirical Fisher (Wu et al. 2024, supporting material eq. 20) replaces
+    each per-sample gradient ``grad l_n`` by ``grad l_n / ||grad_z l_n||``,
+    ``z_n`` the example's outputs; applied to K-FAC (its Section 5
+    guideline) the output factor becomes::
+
+        G_iEF / num_examples = (1/N) sum_n sum_{t in n} m_t ghat_t ghat_t^T / ||grad_z l_n||^2
+
+    with ``ghat_t = dl_n/dy_t`` the layer's output cotangent of example
+    ``n``'s own loss, while ``A`` is unchanged. The statistics pass pulls
+    back the output cotangents ``dL/dz_n / (N ||dL/dz_n||)`` (unit
+    per-example directions, with the ``1/N`` of a mean loss), so the module's
+    ``G = N^2 sum g g^T`` convention yields exactly the average above, and
+    the result does not depend on how the loss weights its examples (a
+    weight cancels in the normalisation). ``N`` counts the examples whose
+    output gradient is nonzero (padded example rows drop out; so would a
+    real example with an exactly zero gradient, which also contributes
+    nothing to ``G``). The norm is taken over *all* of an example's outputs:
+    for sequence outputs ``[N, T, C]`` each sequence is one example with
+    ``||grad_z l_n||^2 = sum_t ||dl_n/dz_t||^2`` (per-sequence, not
+    per-token, rescaling), as in the paper where ``z_n`` is the whole
+    output of example ``n``. It costs one extra backward pass; the returned
+    gradient is the true gradient of the loss.
 
     Returns a function ``(params, probes, *args, rng=None) -> (value, grads,
     stats)`` where ``value`` is ``loss`` or ``(loss, aux)``, ``grads`` are the
@@ -313,6 +361,8 @@ def kfac_value_and_grad(model_fn: Callable, loss_fn: Callable | None = None, *,
         grads, emp_stats = vjp_fn(dout)
         if fisher_type == "empirical":
             stats = emp_stats
+        elif fisher_type == "ief":
+            _, stats = vjp_fn(_ief_cotangents(dout))
         elif fisher_type == "sampled":
             _, stats = vjp_fn(_fisher_cotangents(outputs, likelihood, "sampled", rng))
         else:

@@ -1,0 +1,48 @@
+"""Exact empirical, improved-empirical and sampled Fisher updates, and diagnostics.
+
+* :func:`per_sample_value_and_grad`: loss, gradient, per-sample gradients
+  and logits-level gradient norms from one pass (memory ``N x P``);
+* :func:`ef`, :func:`ief`, :func:`sampled_fisher`: optax transformations
+  applying the exact damped EF, iEF and ``F(k)`` preconditioners through
+  the Woodbury identity on the ``N x N`` Gram matrix;
+* :func:`fisher_vector_product`, :func:`gamma`, :func:`gamma_relative_to_sgd`,
+  :func:`gradient_norm_imbalance`: the paper's indicators.
+
+Reference: Wu et al., "An Improved Empirical Fisher Approximation for
+Natural Gradient Descent", NeurIPS 2024, and its supporting material.
+"""
+
+from kfac_jax_peft.fisher.diagnostics import (
+    fisher_vector_product,
+    gamma,
+    gamma_ratios,
+    gamma_relative_to_sgd,
+    gradient_norm_imbalance,
+    per_sample_grad_norms,
+)
+from kfac_jax_peft.fisher.per_sample import per_sample_value_and_grad, sample_cotangents
+from kfac_jax_peft.fisher.woodbury import (
+    WoodburyState,
+    ef,
+    ief,
+    ief_row_scale,
+    sampled_fisher,
+    woodbury_precondition,
+)
+
+__all__ = [
+    "WoodburyState",
+    "ef",
+    "fisher_vector_product",
+    "gamma",
+    "gamma_ratios",
+    "gamma_relative_to_sgd",
+    "gradient_norm_imbalance",
+    "ief",
+    "ief_row_scale",
+    "per_sample_grad_norms",
+    "per_sample_value_and_grad",
+    "sample_cotangents",
+    "sampled_fisher",
+    "woodbury_precondition",
+]
