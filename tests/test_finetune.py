@@ -186,3 +186,23 @@ def test_two_devices_match_one_device(folders):
     for _, name, diff in lines:
         # float32 sums in a different order on 2 devices; 8 steps compound it
         assert float(diff) <= 1e-4, (name, diff)
+
+
+def test_fisher_family_optimizers_and_gamma_logging(folders, tmp_path):
+    data = load_data(_cfg(folders, tmp_path))
+    # SGD without clip or decay steps along -g: its gamma relative to SGD is exactly 1
+    sgd = train(_cfg(folders, tmp_path / "sgd", optimizer="sgd", clip="none", weight_decay=0.0,
+                     steps=4, log_every=2, log_gamma=True), data=data)
+    recs = [r for r in read_log(sgd.output_dir) if r["kind"] == "train"]
+    assert [r["gamma"] for r in recs] == pytest.approx([1.0, 1.0], rel=1e-4)
+    assert all(r["imbalance"] >= 1.0 for r in recs)
+    for opt in ("ef", "ief", "sf"):
+        res = train(_cfg(folders, tmp_path / opt, optimizer=opt, clip="post", steps=4,
+                         log_every=2, log_gamma=True, learning_rate=0.05,
+                         fisher_damping=1e-3, fisher_damping_mode="relative"), data=data)
+        recs = [r for r in read_log(res.output_dir) if r["kind"] == "train"]
+        assert all(np.isfinite(r["loss"]) and np.isfinite(r["gamma"]) and r["gamma"] > 0
+                   for r in recs), opt
+        assert res.test["accuracy"] >= 0  # evaluated end to end
+    with pytest.raises(ValueError, match="one device"):
+        train(_cfg(folders, tmp_path / "x", optimizer="ief", devices=2), data=data)

@@ -15,7 +15,9 @@ import tomllib
 from collections.abc import Mapping
 from typing import Any
 
-OPTIMIZERS = ("adamw", "kfac", "sgd")
+OPTIMIZERS = ("adamw", "kfac", "sgd", "ef", "ief", "sf")
+#: Optimizers whose step needs per-sample gradients (kfac_jax_peft.fisher).
+PER_SAMPLE = ("ef", "ief", "sf")
 CLIP_MODES = ("post", "pre", "none")
 PEFT_METHODS = ("lora", "houlsby", "pfeiffer", "head")
 
@@ -54,6 +56,16 @@ class TrainConfig:
     follows a linear warm-up over ``warmup_ratio * steps`` steps, then a
     linear decay to 0 at ``steps``. ``weight_decay`` is decoupled and
     applies to matrices (not biases or LayerNorm scales).
+    ``"ef"``, ``"ief"``, ``"sf"``: the exact damped empirical, improved
+    empirical and sampled (``num_samples`` labels per example) Fisher updates
+    of :mod:`kfac_jax_peft.fisher` (Woodbury on the batch's per-sample
+    gradients; damping ``fisher_damping``, ``fisher_damping_mode``
+    ``"absolute"`` or ``"relative"`` to the largest Gram diagonal); their
+    step is deterministic (no dropout) and runs on one device.
+    ``log_gamma``: at every log step, also log the gamma indicator of that
+    step's direction relative to SGD's (< 1: closer to the natural gradient;
+    K-FAC's curvature as it stands before the step) on the step's batch, and
+    the per-sample gradient-norm imbalance.
 
     Loop: ``eval_every`` steps (the paper: 200) evaluate on validation; the
     best validation checkpoint is evaluated on test at the end.
@@ -90,6 +102,10 @@ class TrainConfig:
     invert_every: int = 50
     stats_every: int | None = None
     damping_mode: str = "exact"
+    fisher_damping: float = 1e-7
+    fisher_damping_mode: str = "absolute"
+    num_samples: int = 1
+    log_gamma: bool = False
     steps: int = 1000
     eval_every: int = 200
     save_every: int | None = None

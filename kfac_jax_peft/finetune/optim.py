@@ -32,6 +32,7 @@ def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None
 
         adamw: [clip(max_norm)] -> adamw(schedule, weight_decay)
         sgd:   [clip(max_norm)] -> decay -> -schedule
+        ef, ief, sf: like kfac, with the exact Woodbury preconditioner
         kfac:  post: kfac_precondition -> clip(max_norm) -> decay -> -schedule
                pre:  clip(max_norm) -> kfac_precondition -> decay -> -schedule
                none: kfac_precondition -> decay -> -schedule
@@ -52,6 +53,13 @@ def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None
         parts = clip if cfg.clip == "pre" else []
         return optax.chain(*parts, optax.adamw(lr, weight_decay=cfg.weight_decay,
                                                mask=decay_mask))
+    if cfg.optimizer in ("ef", "ief", "sf"):
+        from kfac_jax_peft import fisher
+
+        make = {"ef": fisher.ef, "ief": fisher.ief, "sf": fisher.sampled_fisher}[cfg.optimizer]
+        pre = make(cfg.fisher_damping, damping_mode=cfg.fisher_damping_mode)
+        parts = {"post": [pre, *clip], "pre": [*clip, pre], "none": [pre]}[cfg.clip]
+        return optax.chain(*parts, *tail)
     if cfg.optimizer == "sgd":
         parts = clip if cfg.clip != "none" else []
         return optax.chain(*parts, *tail)

@@ -33,7 +33,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -43,7 +43,7 @@ from kfac_jax_peft import data as D
 from kfac_jax_peft import metrics as M
 from kfac_jax_peft.capture import kfac_value_and_grad
 from kfac_jax_peft.clipping import clip_stats
-from kfac_jax_peft.finetune.config import TrainConfig
+from kfac_jax_peft.finetune.config import PER_SAMPLE, TrainConfig
 from kfac_jax_peft.finetune.logs import MetricsLog
 from kfac_jax_peft.finetune.model import TaskModel, build_task_model
 from kfac_jax_peft.finetune.optim import build_optimizer, learning_rate_schedule
@@ -78,17 +78,39 @@ def load_data(cfg: TrainConfig, tokenizer=None) -> Data:
 # --------------------------------------------------------------------------- steps
 
 
-def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
-               axis_name: str | None = None) -> tuple[Callable, Callable, Callable]:
-    """``(stats_step, plain_step, predict)``, un-jitted.
+class Steps(NamedTuple):
+    """The un-jitted step functions of a run (see :func:`make_steps`)."""
 
-    ``stats_step(trainable, opt_state, frozen, probes, batch, rng)`` and
-    ``plain_step(trainable, opt_state, frozen, batch, rng)`` return
-    ``(trainable, opt_state, loss)``; ``predict(trainable, frozen, batch)``
-    returns the predictions. With ``axis_name`` they average the loss and
-    gradients over that axis and the K-FAC transformation sums its
-    statistics over it.
+    stats: Callable
+    plain: Callable
+    predict: Callable
+    sample: Callable | None
+    diagnose: Callable
+
+
+def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
+               axis_name: str | None = None, per_sample: str | None = None,
+               num_samples: int = 1) -> Steps:
+    """The step functions of a run, un-jitted.
+
+    * ``stats(trainable, opt_state, frozen, probes, batch, rng)`` and
+      ``plain(trainable, opt_state, frozen, batch, rng)`` return
+      ``(trainable, opt_state, loss)``: K-FAC's statistics step and the
+      plain step (any optax chain). With ``axis_name`` they average the loss
+      and gradients over that axis, and the K-FAC transformation sums its
+      statistics over it.
+    * ``predict(trainable, frozen, batch)``: predictions.
+    * ``sample(trainable, opt_state, frozen, batch, rng)`` (with
+      ``per_sample`` = ``"ef" | "ief" | "sf"``): the step of the exact
+      Fisher-family updates, fed with per-sample gradients; deterministic.
+    * ``diagnose(trainable, opt_state, frozen, batch, rng) -> (gamma, imbalance)``:
+      the gamma indicator of the direction the chain would take on
+      ``batch``, relative to SGD's (``kfac_jax_peft.fisher``; the curvature
+      is the Gauss-Newton matrix of the training loss, i.e. the Fisher for
+      cross-entropy), and the ratio of the largest to the smallest per-sample
+      gradient norm. Nothing is updated.
     """
+    from kfac_jax_peft import fisher
 
     def loss_fn(trainable, frozen, probes, batch, rng):
         logits = model.logits(merge_trainable(trainable, frozen), probes, batch, rng)
@@ -99,13 +121,13 @@ def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
             return loss, grads
         return jax.lax.pmean(loss, axis_name), jax.lax.pmean(grads, axis_name)
 
-    grad_stats = kfac_value_and_grad(
-        lambda tr, probes, frozen, batch, rng: loss_fn(tr, frozen, probes, batch, rng))
-
     def device_rng(rng):
         # different dropout masks on different devices
         return rng if axis_name is None else jax.random.fold_in(
             rng, jax.lax.axis_index(axis_name))
+
+    grad_stats = kfac_value_and_grad(
+        lambda tr, probes, frozen, batch, rng: loss_fn(tr, frozen, probes, batch, rng))
 
     def stats_step(trainable, opt_state, frozen, probes, batch, rng):
         rng = device_rng(rng)
@@ -125,21 +147,61 @@ def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
         logits = model.logits(merge_trainable(trainable, frozen), None, batch, None)
         return model.predictions(logits)
 
-    return stats_step, plain_step, predict
+    # per-example forms for kfac_jax_peft.fisher (frozen weights broadcast)
+    def model_fn(trainable, frozen, batch):
+        return model.logits(merge_trainable(trainable, frozen), None, batch, None)
+
+    def example_loss(outputs, frozen, batch):
+        del frozen
+        return model.per_example_loss(outputs, batch["labels"]) * batch["valid"]
+
+    likelihood = "gaussian" if model.spec.kind == "regression" else "categorical"
+
+    def per_sample_fn(kind):
+        return fisher.per_sample_value_and_grad(model_fn, example_loss, kind=kind,
+                                                num_samples=num_samples,
+                                                likelihood=likelihood, in_axes=(None, 0))
+
+    def sample_step(trainable, opt_state, frozen, batch, rng):
+        loss, grads, extras = per_sample_fn(per_sample)(trainable, frozen, batch, rng=rng)
+        updates, opt_state = tx.update(grads, opt_state, trainable, **extras)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    def diagnose(trainable, opt_state, frozen, batch, rng):
+        _, grads, extras = per_sample_fn("ief" if per_sample == "ief" else "ef")(
+            trainable, frozen, batch)
+        if per_sample == "sf":
+            step_extras = per_sample_fn("sf")(trainable, frozen, batch, rng=rng)[2]
+        else:
+            step_extras = extras if per_sample else {}
+        direction, _ = tx.update(grads, opt_state, trainable, **step_extras)
+        fvp = fisher.fisher_vector_product(model_fn, trainable, frozen, batch,
+                                           loss_fn=example_loss)
+        return (fisher.gamma_relative_to_sgd(direction, grads, fvp),
+                fisher.gradient_norm_imbalance(extras["per_sample_grads"]))
+
+    return Steps(stats_step, plain_step, predict, sample_step if per_sample else None,
+                 diagnose)
 
 
 class _Executor:
     """Runs the steps with ``jit`` on one device or ``pmap`` over several;
     converts between host trees and (replicated) device trees."""
 
-    def __init__(self, model, tx, num_devices: int):
+    def __init__(self, model, tx, num_devices: int, per_sample: str | None = None,
+                 num_samples: int = 1):
         self.n = num_devices
         axis = AXIS if num_devices > 1 else None
-        stats_step, plain_step, predict = make_steps(model, tx, axis_name=axis)
+        steps = make_steps(model, tx, axis_name=axis, per_sample=per_sample,
+                           num_samples=num_samples)
+        stats_step, plain_step, predict = steps.stats, steps.plain, steps.predict
         if num_devices == 1:
             self.stats_step = jax.jit(stats_step, donate_argnums=(0, 1))
             self.plain_step = jax.jit(plain_step, donate_argnums=(0, 1))
             self.predict = jax.jit(predict)
+            self.diagnose = jax.jit(steps.diagnose)
+            if steps.sample is not None:
+                self.sample_step = jax.jit(steps.sample, donate_argnums=(0, 1))
         else:
             devices = jax.local_devices()[:num_devices]
             self.devices = devices
@@ -260,6 +322,10 @@ def enable_compilation_cache(path: str) -> None:
 def _num_devices(cfg: TrainConfig) -> int:
     available = jax.local_device_count()
     n = available if cfg.devices == 0 else cfg.devices
+    if n > 1 and (cfg.optimizer in PER_SAMPLE or cfg.log_gamma):
+        raise ValueError(f"optimizer={cfg.optimizer!r}, log_gamma={cfg.log_gamma}: the "
+                         "per-sample-gradient steps and diagnostics run on one device "
+                         "(devices=1)")
     if n > available:
         raise ValueError(f"devices={n} but only {available} local devices are available")
     for name in ("batch_size", "eval_batch_size"):
@@ -287,7 +353,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, data: Data | None = None,
     probes = variables.get("kfac")
     tx = build_optimizer(cfg, axis_name=AXIS if n > 1 else None)
     opt_state = tx.init(trainable)
-    ex = _Executor(model, tx, n)
+    per_sample = cfg.optimizer if cfg.optimizer in PER_SAMPLE else None
+    ex = _Executor(model, tx, n, per_sample, cfg.num_samples)
     uses_stats = cfg.optimizer == "kfac" and probes is not None
     eval_bs = cfg.eval_batch_size or cfg.batch_size
     schedule = learning_rate_schedule(cfg)
@@ -336,7 +403,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, data: Data | None = None,
     for step in range(start, end):
         batch = ex.shard(next(stream))
         rng = jax.random.fold_in(key, step)
-        if uses_stats and step % cfg.stats_interval == 0:
+        diag = {}
+        if cfg.log_gamma and ((step + 1) % cfg.log_every == 0 or step + 1 == end):
+            # the direction this step is about to take; kept outside the clock
+            td = time.perf_counter()
+            gamma, imbalance = jax.device_get(ex.diagnose(trainable, opt_state, frozen_d,
+                                                          batch, rng))
+            diag = {"gamma": float(gamma), "imbalance": float(imbalance)}
+            t0 += time.perf_counter() - td
+        if per_sample:
+            trainable, opt_state, loss = ex.sample_step(trainable, opt_state, frozen_d,
+                                                        batch, rng)
+        elif uses_stats and step % cfg.stats_interval == 0:
             trainable, opt_state, loss = ex.stats_step(trainable, opt_state, frozen_d,
                                                        probes_d, batch, rng)
         else:
@@ -361,7 +439,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, data: Data | None = None,
             lr = float(schedule(step))
             meta["last_loss"] = mean_loss
             log.write("train", step=done, loss=mean_loss, lr=lr, clip_rate=rate,
-                      update_norm=clip[2], wall_clock=wall)
+                      update_norm=clip[2], wall_clock=wall, **diag)
             if bar is not None:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
                                 clip="-" if rate is None else f"{rate:.2f}")
@@ -444,7 +522,10 @@ def _precompile(ex: _Executor, cfg: TrainConfig, data: Data, trainable, opt_stat
     copy = lambda tree: jax.tree_util.tree_map(lambda x: x.copy(), tree)
     for length in _padded_lengths(cfg, data):
         batch = ex.shard(_resize(first, length, data.train.pad_id))
-        outs = [ex.plain_step(copy(trainable), copy(opt_state), frozen, batch, rng)]
+        if cfg.optimizer in PER_SAMPLE:
+            outs = [ex.sample_step(copy(trainable), copy(opt_state), frozen, batch, rng)]
+        else:
+            outs = [ex.plain_step(copy(trainable), copy(opt_state), frozen, batch, rng)]
         if uses_stats:
             outs.append(ex.stats_step(copy(trainable), copy(opt_state), frozen, probes,
                                       batch, rng))
