@@ -70,13 +70,9 @@ def write(out_dir: str, name: str, text: str) -> str:
 
 
 def run(cfg: TrainConfig, data) -> dict:
-    """Train, or read back a finished run from ``cfg.output_dir``."""
-    import json
-
+    """Train, or read back a finished run of the same configuration."""
     from kfac_jax_peft.finetune import train
+    from kfac_jax_peft.finetune.compare import finished
 
-    done = os.path.join(cfg.output_dir, "results.json")
-    if os.path.exists(done):
-        with open(done) as f:
-            return json.load(f)
-    return train(cfg, data=data).to_dict()
+    res = finished(cfg)
+    return res if res is not None else train(cfg, data=data).to_dict()

@@ -29,14 +29,13 @@ and ``--batch-size``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 import time
 
 from kfac_jax_peft.finetune import TrainConfig, enable_compilation_cache, load_data, train
-from kfac_jax_peft.finetune.compare import arm_config, compare, format_rows
+from kfac_jax_peft.finetune.compare import arm_config, compare, finished, format_rows
 
 
 def minilm_folder() -> str:
@@ -48,11 +47,8 @@ def minilm_folder() -> str:
 
 
 def _run(cfg: TrainConfig, data) -> dict:
-    done = os.path.join(cfg.output_dir, "results.json")
-    if os.path.exists(done):
-        with open(done) as f:
-            return json.load(f)
-    return train(cfg, data=data).to_dict()
+    res = finished(cfg)
+    return res if res is not None else train(cfg, data=data).to_dict()
 
 
 def tune(base: TrainConfig, arm: str, grid: list[float], data) -> tuple[float, list[tuple]]:

@@ -172,6 +172,11 @@ def test_compare_table_and_plot(folders, tmp_path):
     assert (tmp_path / "cmp" / "comparison.png").exists()
     cfg = json.loads((tmp_path / "cmp" / "adamw" / "seed1" / "config.json").read_text())
     assert cfg["learning_rate"] == 1e-3 and cfg["seed"] == 1 and cfg["optimizer"] == "adamw"
+    # finished runs are read back, never reused for another configuration
+    assert compare(base, ["adamw", "kfac-post"], [0, 1], plot=False,
+                   overrides={"adamw": {"learning_rate": 1e-3}}) == rows
+    with pytest.raises(ValueError, match="learning_rate"):
+        compare(base, ["adamw"], [0], overrides={"adamw": {"learning_rate": 2e-3}})
 
 
 def test_two_devices_match_one_device(folders):

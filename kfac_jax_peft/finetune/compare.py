@@ -1,8 +1,9 @@
 """Several arms and seeds of one task, side by side.
 
 :func:`compare` trains every ``(arm, seed)`` into ``<output_dir>/<arm>/seed<k>``
-(a run already finished there, i.e. with a ``results.json``, is read back
-instead of retrained, so an interrupted comparison continues), then
+(a run
+already finished there with the same configuration is read back instead of
+retrained, so an interrupted comparison continues; see :func:`finished`), then
 summarises: test metric mean and standard deviation over seeds, final
 training loss, the step at which each run first logs a training loss at or
 below the reference arm's final loss (mean over the seeds that reach it),
@@ -49,6 +50,25 @@ class ArmSummary:
         }
 
 
+def finished(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The results of a finished run of ``cfg`` in ``cfg.output_dir``, or None
+    if there is none. A finished run of a *different* configuration there is
+    an error naming the keys that differ (it is never silently reused)."""
+    done = os.path.join(cfg.output_dir, "results.json")
+    if not os.path.exists(done):
+        return None
+    with open(os.path.join(cfg.output_dir, "config.json")) as f:
+        stored = json.load(f)
+    want = cfg.to_dict()
+    differ = sorted(k for k in set(stored) | set(want)
+                    if k not in ("output_dir", "progress") and stored.get(k) != want.get(k))
+    if differ:
+        raise ValueError(f"{cfg.output_dir!r} holds a finished run of another configuration "
+                         f"(differs in {differ}); remove it or use another output_dir")
+    with open(done) as f:
+        return json.load(f)
+
+
 def arm_config(base: TrainConfig, arm: str, overrides: Mapping[str, Mapping] | None = None
                ) -> TrainConfig:
     """``base`` with an arm's settings (:data:`ARMS`) and per-arm overrides
@@ -74,11 +94,8 @@ def compare(base: TrainConfig, arms: Sequence[str], seeds: Sequence[int], *,
         for seed in seeds:
             run_dir = os.path.join(base.output_dir, arm, f"seed{seed}")
             cfg = arm_config(base, arm, overrides).replace(seed=seed, output_dir=run_dir)
-            done = os.path.join(run_dir, "results.json")
-            if os.path.exists(done):
-                with open(done) as f:
-                    res = json.load(f)
-            else:
+            res = finished(cfg)
+            if res is None:
                 res = train(cfg, data=data).to_dict()
             results.setdefault(arm, []).append((seed, res, run_dir))
     ref_loss = {seed: res["final_loss"] for seed, res, _ in results[reference]}
