@@ -63,7 +63,23 @@ processes for clean measured peaks.
 
 Time: median wall time over ``--reps`` steps after one warm-up call, with
 parameters and optimizer state carried from step to step and batches
-rotating.
+rotating. ``--reps 0`` compiles and reads the memory analysis only (no step
+runs, no time; the quickest way to compare memory).
+
+K-FAC variants (``--variants``, comma-separated, each ``default`` or a
+``+``-joined set of the options below; every variant gets its own invert
+and plain rows against the same AdamW arm):
+
+* ``shared``: ``input_groups`` declares the layers that read one input, so
+  that they keep one input factor ``A`` (and one eigendecomposition of it):
+  the ``lora_A`` of the query and value projections of each self-attention
+  block (RoBERTa and T5), and the ``lora_A`` of the cross-attention value
+  projections of all T5 decoder blocks, which all read the encoder output
+  (rules in ``INPUT_GROUPS``). Same updates, bit for bit.
+* ``curvature-only``: ``store_factors=False``, the state keeps the
+  eigendecomposition of each factor and not the moving average beside it
+  (exact damping only; this benchmark inverts at every statistics step,
+  as that option needs). Same updates up to float round-off.
 
 Reference, the paper's Table 1 (peak GPU memory of K-FAC relative to AdamW
 for LoRA fine-tuning): 1.18x RoBERTa-large, 1.21x T5-base, 1.62x T5-XL; our
@@ -80,7 +96,8 @@ On CPU the script sets ``OPENBLAS_NUM_THREADS=1`` (unless already set)
 before anything loads OpenBLAS (see ``benchmarks/step_time.py`` for why).
 
 Usage: ``python benchmarks/memory.py [--size small|base] [--reps 10]
-[--models roberta,t5] [--damping-mode exact|factored]``
+[--models roberta,t5] [--damping-mode exact|factored]
+[--variants default,shared,curvature-only,shared+curvature-only]``
 """
 
 from __future__ import annotations
@@ -122,6 +139,13 @@ SIZES = {
     },
 }
 LORA_TARGETS = {"roberta": ("query", "value"), "t5": ("q", "v")}
+# layers whose LoRA ``lora_A`` read one input tensor (``input_groups`` of kfac_precondition)
+INPUT_GROUPS = {
+    "roberta": [(r"(.*/attention)/(query|key|value)/lora_A/kernel", r"\1")],
+    "t5": [(r"(.*/SelfAttention)/[qkv]/lora_A/kernel", r"\1"),
+           (r".*/EncDecAttention/[kv]/lora_A/kernel", "encoder_output")],
+}
+VARIANT_OPTIONS = ("shared", "curvature-only")
 
 
 def _lengths(rng, batch, length):
@@ -228,6 +252,11 @@ def run_arm(step, tr, state, frozen, probes, batches, reps):
     peak = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
             - ma.alias_size_in_bytes)
     opt_bytes = tree_bytes(state)
+    res = {"peak": peak, "args": ma.argument_size_in_bytes, "temp": ma.temp_size_in_bytes,
+           "code": ma.generated_code_size_in_bytes, "opt": opt_bytes,
+           "measured": None, "time": None, "loss": None}
+    if reps < 1:  # memory analysis only
+        return res, tr, state
     tr, state, loss = jax.block_until_ready(compiled(tr, state, frozen, probes, batches[0]))
     times = []
     for i in range(reps):
@@ -235,10 +264,7 @@ def run_arm(step, tr, state, frozen, probes, batches, reps):
         tr, state, loss = jax.block_until_ready(
             compiled(tr, state, frozen, probes, batches[(i + 1) % len(batches)]))
         times.append(time.perf_counter() - t0)
-    res = {"peak": peak, "args": ma.argument_size_in_bytes, "temp": ma.temp_size_in_bytes,
-           "code": ma.generated_code_size_in_bytes, "opt": opt_bytes,
-           "measured": measured_peak(), "time": statistics.median(times),
-           "loss": float(loss)}
+    res.update(measured=measured_peak(), time=statistics.median(times), loss=float(loss))
     return res, tr, state
 
 
@@ -254,18 +280,38 @@ def main(argv=None):
     ap.add_argument("--models", default="roberta,t5",
                     help="comma-separated subset of roberta,t5")
     ap.add_argument("--damping-mode", choices=("exact", "factored"), default="exact")
+    ap.add_argument("--variants", default="default",
+                    help="comma-separated K-FAC variants: default, or '+'-joined options "
+                         f"from {', '.join(VARIANT_OPTIONS)}")
     args = ap.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     for m in models:
         if m not in LORA_TARGETS:
             ap.error(f"unknown model {m!r}; expected roberta and/or t5")
+    variants = []
+    for v in args.variants.split(","):
+        opts = () if v == "default" else tuple(v.split("+"))
+        bad = [o for o in opts if o not in VARIANT_OPTIONS]
+        if bad or not v:
+            ap.error(f"unknown variant {v!r}; expected default or '+'-joined options from "
+                     f"{VARIANT_OPTIONS}")
+        if "curvature-only" in opts and args.damping_mode != "exact":
+            ap.error("curvature-only needs --damping-mode exact")
+        variants.append((v, opts))
 
     adamw = optax.chain(kp.clip_by_update_norm(1.0), optax.adamw(1e-3, weight_decay=1e-4))
     precond = (dict(damping_mode="exact") if args.damping_mode == "exact"
                else dict(damping_mode="factored", inverse_method="cholesky"))
-    kfac = optax.chain(kp.kfac_precondition(1e-3, invert_every=1, **precond),
-                       kp.clip_by_update_norm(1.0), optax.add_decayed_weights(1e-4),
-                       optax.scale_by_learning_rate(1e-3))
+
+    def make_kfac(name, opts):
+        extra = {}
+        if "shared" in opts:
+            extra["input_groups"] = INPUT_GROUPS[name]
+        if "curvature-only" in opts:
+            extra["store_factors"] = False
+        return optax.chain(kp.kfac_precondition(1e-3, invert_every=1, **precond, **extra),
+                           kp.clip_by_update_norm(1.0), optax.add_decayed_weights(1e-4),
+                           optax.scale_by_learning_rate(1e-3))
 
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), size {args.size}, "
           f"LoRA rank 8, K-FAC damping 1e-3 ({args.damping_mode}), median of {args.reps} steps "
@@ -283,20 +329,25 @@ def main(argv=None):
         res_a, _, _ = run_arm(make_step(loss_fn, adamw, False), tr, adamw.init(tr), frozen,
                               probes, batches, args.reps)
         gc.collect()
-        tr = fresh(trainable)
-        res_i, tr, st = run_arm(make_step(loss_fn, kfac, True), tr, kfac.init(tr), frozen,
-                                probes, batches, args.reps)
-        res_p, _, _ = run_arm(make_step(loss_fn, kfac, False), tr, st, frozen, probes,
-                              batches, args.reps)
-        del tr, st
-        gc.collect()
-        for label, res in (("adamw", res_a), ("kfac invert", res_i), ("kfac plain", res_p)):
-            rows.append((name, label, res, res_a))
+        rows.append((name, "adamw", res_a, res_a))
+        for v, opts in variants:
+            kfac = make_kfac(name, opts)
+            tr = fresh(trainable)
+            res_i, tr, st = run_arm(make_step(loss_fn, kfac, True), tr, kfac.init(tr), frozen,
+                                    probes, batches, args.reps)
+            res_p, _, _ = run_arm(make_step(loss_fn, kfac, False), tr, st, frozen, probes,
+                                  batches, args.reps)
+            del tr, st
+            gc.collect()
+            tag = "kfac" if v == "default" else f"kfac[{v}]"
+            rows.append((name, f"{tag} invert", res_i, res_a))
+            rows.append((name, f"{tag} plain", res_p, res_a))
 
     print()
     print("peak = argument + output + temp - alias of the compiled step (XLA memory analysis); "
           "x = ratio to AdamW")
-    print(f"{'model':8s} {'optimizer':12s} {'peak MiB':>9s} {'x':>6s} {'args MiB':>9s} "
+    width = max(12, *(len(label) for _, label, _, _ in rows))
+    print(f"{'model':8s} {'optimizer':{width}s} {'peak MiB':>9s} {'x':>6s} {'args MiB':>9s} "
           f"{'temp MiB':>9s} {'opt MiB':>8s} {'x':>7s} {'meas. MiB':>9s} {'x':>6s} "
           f"{'ms/step':>8s} {'x':>6s} {'loss':>7s}")
     for name, label, r, a in rows:
@@ -304,10 +355,14 @@ def main(argv=None):
             meas = f"{'-':>9s} {'-':>6s}"
         else:
             meas = f"{r['measured'] / MiB:9.1f} {r['measured'] / a['measured']:6.3f}"
-        print(f"{name:8s} {label:12s} {r['peak'] / MiB:9.1f} {r['peak'] / a['peak']:6.3f} "
+        if r["time"] is None:
+            timing = f"{'-':>8s} {'-':>6s} {'-':>7s}"
+        else:
+            timing = (f"{1e3 * r['time']:8.2f} {r['time'] / a['time']:6.2f} "
+                      f"{r['loss']:7.3f}")
+        print(f"{name:8s} {label:{width}s} {r['peak'] / MiB:9.1f} {r['peak'] / a['peak']:6.3f} "
               f"{r['args'] / MiB:9.1f} {r['temp'] / MiB:9.1f} {r['opt'] / MiB:8.2f} "
-              f"{r['opt'] / a['opt']:7.2f} {meas} {1e3 * r['time']:8.2f} "
-              f"{r['time'] / a['time']:6.2f} {r['loss']:7.3f}")
+              f"{r['opt'] / a['opt']:7.2f} {meas} {timing}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ Two damping modes:
     ``U = Q_A [(Q_A^T V Q_G) / (a g^T + lambda)] Q_G^T``. The inversion
     stores eigenvectors and eigenvalues only, so ``lambda`` may change every
     step (a schedule) without a new decomposition. Negative eigenvalues from
-    round-off are clipped to zero.
+    round-off are stored as computed (so that ``Q diag(a) Q^T`` is the
+    factor itself) and clipped to zero where the direction is computed.
 
 ``factored``
     Martens and Grosse's pi-adjusted factored Tikhonov damping:
@@ -54,6 +55,15 @@ class Eigen(NamedTuple):
     g: jnp.ndarray
 
 
+class EigenFactor(NamedTuple):
+    """Eigendecomposition ``M = q diag(vals) q^T`` of one factor (``exact``
+    damping): an input factor shared by several layers keeps its half of
+    :class:`Eigen` here once."""
+
+    q: jnp.ndarray
+    vals: jnp.ndarray
+
+
 class Inverses(NamedTuple):
     """Damped factor inverses (``factored`` damping)."""
 
@@ -70,10 +80,17 @@ class CholeskyFactors(NamedTuple):
     lg: jnp.ndarray
 
 
-def zeros_curvature(d_a: int, d_g: int, mode: str, dtype, method: str = "cholesky"):
+def zeros_eigen_factor(d: int, dtype) -> EigenFactor:
+    return EigenFactor(jnp.eye(d, dtype=dtype), jnp.zeros((d,), dtype))
+
+
+def zeros_curvature(d_a: int, d_g: int, mode: str, dtype, method: str = "cholesky",
+                    store_a: bool = True):
+    """The curvature before any inversion; ``store_a=False`` (``exact`` mode
+    only) leaves out the input factor's half (``qa = a = None``)."""
     if mode == "exact":
-        return Eigen(jnp.eye(d_a, dtype=dtype), jnp.zeros((d_a,), dtype),
-                     jnp.eye(d_g, dtype=dtype), jnp.zeros((d_g,), dtype))
+        qa, a = zeros_eigen_factor(d_a, dtype) if store_a else (None, None)
+        return Eigen(qa, a, *zeros_eigen_factor(d_g, dtype))
     if method == "cholesky_solve":
         return CholeskyFactors(jnp.eye(d_a, dtype=dtype), jnp.eye(d_g, dtype=dtype))
     return Inverses(jnp.eye(d_a, dtype=dtype), jnp.eye(d_g, dtype=dtype))
@@ -103,7 +120,16 @@ def _over_batch(fn: Callable, stack: jnp.ndarray):
 
 
 def _grouped(mats: Sequence[jnp.ndarray], fn: Callable) -> list:
-    """Apply ``fn`` to matrices grouped by shape; results in order."""
+    """Apply ``fn`` to matrices grouped by shape; results in order.
+
+    On accelerators each group is one batched call on the stacked matrices.
+    On CPU, where LAPACK is called once per matrix anyway (see
+    :func:`_over_batch`), each matrix is passed on its own: no stacked copy
+    of the inputs and of the results is made, so the workspace is that of one
+    matrix at a time rather than two copies of all of them.
+    """
+    if jax.default_backend() == "cpu":
+        return [fn(m) for m in mats]
     groups: dict = {}
     for i, m in enumerate(mats):
         groups.setdefault(m.shape, []).append(i)
@@ -121,7 +147,12 @@ def _sym(m):
 
 def batched_eigh(mats: jnp.ndarray):
     vals, vecs = jnp.linalg.eigh(_sym(mats))
-    return vecs, jnp.maximum(vals, 0.0)
+    return vecs, vals
+
+
+def eigen_factors(mats: Sequence[jnp.ndarray]) -> list:
+    """:class:`EigenFactor` of each matrix (eigenvalues as computed, unclipped)."""
+    return [EigenFactor(*d) for d in _grouped(mats, batched_eigh)]
 
 
 def batched_cholesky(mats: jnp.ndarray) -> jnp.ndarray:
@@ -173,10 +204,8 @@ def invert(factors: Sequence[tuple], previous: Sequence, mode: str, method: str,
     Newton-Schulz method); ``damping`` is used only by ``factored`` mode.
     """
     if mode == "exact":
-        mats = [m for ag in factors for m in ag]
-        dec = _grouped(mats, batched_eigh)
-        return [Eigen(dec[2 * i][0], dec[2 * i][1], dec[2 * i + 1][0], dec[2 * i + 1][1])
-                for i in range(len(factors))]
+        dec = eigen_factors([m for ag in factors for m in ag])
+        return [Eigen(*dec[2 * i], *dec[2 * i + 1]) for i in range(len(factors))]
     damped = []
     for A, G in factors:
         pi = pi_adjustment(A, G)
@@ -211,7 +240,8 @@ def precondition(v: jnp.ndarray, curv, damping) -> jnp.ndarray:
     v = v.astype(curv[0].dtype)
     if isinstance(curv, Eigen):
         t = jnp.matmul(jnp.matmul(curv.qa.T, v, precision=HP), curv.qg, precision=HP)
-        t = t / (curv.a[:, None] * curv.g[None, :] + damping)
+        a, g = jnp.maximum(curv.a, 0.0), jnp.maximum(curv.g, 0.0)  # round-off negatives
+        t = t / (a[:, None] * g[None, :] + damping)
         return jnp.matmul(jnp.matmul(curv.qa, t, precision=HP), curv.qg.T, precision=HP)
     if isinstance(curv, CholeskyFactors):
         u = jax.scipy.linalg.cho_solve((curv.la, True), v)
@@ -220,4 +250,5 @@ def precondition(v: jnp.ndarray, curv, damping) -> jnp.ndarray:
 
 
 def is_finite(curv) -> jnp.ndarray:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in curv]))
+    """Whether every stored array of ``curv`` is finite (``None`` fields skipped)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in curv if x is not None]))
