@@ -37,6 +37,7 @@ def common_args(tmp_path_factory):
      "table7.md", "max norm"),
     ("fig6_rank", ["--ranks", "2", "4"], "fig6.md", "rank"),
     ("fig10_clip_frequency", [], "fig10.md", "clip rate"),
+    ("ef_glue", ["--task", "rte", "--optimizers", "sgd", "ief", "sf"], "ef.md", "gamma"),
 ])
 def test_experiment_script(common_args, tmp_path, script, extra, table, needle):
     module = importlib.import_module(script)
