@@ -140,11 +140,7 @@ SIZES = {
 }
 LORA_TARGETS = {"roberta": ("query", "value"), "t5": ("q", "v")}
 # layers whose LoRA ``lora_A`` read one input tensor (``input_groups`` of kfac_precondition)
-INPUT_GROUPS = {
-    "roberta": [(r"(.*/attention)/(query|key|value)/lora_A/kernel", r"\1")],
-    "t5": [(r"(.*/SelfAttention)/[qkv]/lora_A/kernel", r"\1"),
-           (r".*/EncDecAttention/[kv]/lora_A/kernel", "encoder_output")],
-}
+INPUT_GROUPS = {"roberta": roberta.INPUT_GROUPS, "t5": t5.INPUT_GROUPS}
 VARIANT_OPTIONS = ("shared", "curvature-only")
 
 

@@ -211,3 +211,19 @@ def test_fisher_family_optimizers_and_gamma_logging(folders, tmp_path):
         assert res.test["accuracy"] >= 0  # evaluated end to end
     with pytest.raises(ValueError, match="one device"):
         train(_cfg(folders, tmp_path / "x", optimizer="ief", devices=2), data=data)
+
+
+def test_share_input_factors_groups_query_and_value_of_each_block(folders):
+    from kfac_jax_peft import KFACState
+    from kfac_jax_peft.data import get_task
+    from kfac_jax_peft.finetune.model import build_task_model
+    from kfac_jax_peft.peft import split_trainable
+
+    cfg = TrainConfig(task="rte", model=folders[0], share_input_factors=True)
+    model, variables = build_task_model(cfg, get_task("rte"))
+    trainable, _ = split_trainable(variables["params"])
+    state = build_optimizer(cfg, input_groups=model.input_groups).init(trainable)
+    (kstate,) = [s for s in jax.tree_util.tree_leaves(
+        state, is_leaf=lambda x: isinstance(x, KFACState)) if isinstance(s, KFACState)]
+    assert sorted(kstate.shared_inputs) == ["encoder/layer_0/attention",
+                                            "encoder/layer_1/attention"]

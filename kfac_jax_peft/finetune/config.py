@@ -51,7 +51,10 @@ class TrainConfig:
     ``max_norm``; the paper's baseline), ``"kfac"`` (``kfac_precondition``
     with ``damping``, EMA ``decay``, re-inversion every ``invert_every``
     steps, statistics captured every ``stats_every`` steps, default: on
-    inversion steps only; ``clip`` = ``"post"`` Newton-step clipping,
+    inversion steps only; ``share_input_factors``: LoRA ``A`` layers that
+    read the same input keep one input factor (the model's
+    ``INPUT_GROUPS``; less memory, same update unless LoRA dropout is on);
+    ``clip`` = ``"post"`` Newton-step clipping,
     ``"pre"`` gradient clipping, ``"none"``), ``"sgd"``. The learning rate
     follows a linear warm-up over ``warmup_ratio * steps`` steps, then a
     linear decay to 0 at ``steps``. ``weight_decay`` is decoupled and
@@ -102,6 +105,7 @@ class TrainConfig:
     invert_every: int = 50
     stats_every: int | None = None
     damping_mode: str = "exact"
+    share_input_factors: bool = False
     fisher_damping: float = 1e-7
     fisher_damping_mode: str = "absolute"
     num_samples: int = 1

@@ -48,6 +48,11 @@ class TaskModel:
     architecture: str  # "roberta" | "bert" | "t5"
     logits: Callable[..., Array]
 
+    @property
+    def input_groups(self):
+        """Layers sharing an input factor (``kfac_precondition(input_groups=)``)."""
+        return t5m.INPUT_GROUPS if self.architecture == "t5" else rb.INPUT_GROUPS
+
     def per_example_loss(self, logits: Array, labels: Array) -> Array:
         if self.spec.kind == "regression":
             return jnp.square(logits - labels.astype(logits.dtype))

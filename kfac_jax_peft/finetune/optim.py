@@ -26,7 +26,7 @@ def decay_mask(params):
     return jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
 
 
-def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None
+def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None, input_groups=None
                     ) -> optax.GradientTransformationExtraArgs:
     """The chain of ``cfg.optimizer`` with ``cfg.clip``::
 
@@ -40,7 +40,9 @@ def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None
     ``clip`` is ``clip_by_update_norm`` (its state records the clip rate).
     For AdamW and SGD, ``"post"`` clips the final step direction of SGD
     and is refused for AdamW (whose step is bounded by construction).
-    ``axis_name`` is the data-parallel axis of a pmapped step.
+    ``axis_name`` is the data-parallel axis of a pmapped step;
+    ``input_groups`` is passed to ``kfac_precondition`` when
+    ``cfg.share_input_factors``.
     """
     lr = learning_rate_schedule(cfg)
     clip = [clip_by_update_norm(cfg.max_norm)]
@@ -64,6 +66,7 @@ def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None
         parts = clip if cfg.clip != "none" else []
         return optax.chain(*parts, *tail)
     pre = kfac_precondition(cfg.damping, decay=cfg.decay, invert_every=cfg.invert_every,
-                            damping_mode=cfg.damping_mode, axis_name=axis_name)
+                            damping_mode=cfg.damping_mode, axis_name=axis_name,
+                            input_groups=input_groups if cfg.share_input_factors else None)
     parts = {"post": [pre, *clip], "pre": [*clip, pre], "none": [pre]}[cfg.clip]
     return optax.chain(*parts, *tail)

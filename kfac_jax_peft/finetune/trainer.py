@@ -351,7 +351,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, data: Data | None = None,
     model, variables = build_task_model(cfg, spec)
     trainable, frozen = split_trainable(variables["params"])
     probes = variables.get("kfac")
-    tx = build_optimizer(cfg, axis_name=AXIS if n > 1 else None)
+    tx = build_optimizer(cfg, axis_name=AXIS if n > 1 else None,
+                         input_groups=model.input_groups)
     opt_state = tx.init(trainable)
     per_sample = cfg.optimizer if cfg.optimizer in PER_SAMPLE else None
     ex = _Executor(model, tx, n, per_sample, cfg.num_samples)

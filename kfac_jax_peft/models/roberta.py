@@ -45,6 +45,11 @@ from kfac_jax_peft.peft.adapters import adapter_sites
 
 Array = jax.Array
 TASKS = ("classification", "multiple_choice")
+
+#: ``kfac_precondition(..., input_groups=INPUT_GROUPS)``: the LoRA ``A``
+#: layers of one attention block's query, key and value read the same hidden
+#: states, so they can share one input factor (exact without LoRA dropout).
+INPUT_GROUPS = [(r"(.*/attention)/(query|key|value)/lora_A/kernel", r"\1")]
 _INIT = nn.initializers.normal(stddev=0.02)
 
 

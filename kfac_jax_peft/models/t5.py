@@ -40,6 +40,13 @@ from kfac_jax_peft.peft import Adapter, AdapterConfig, LoRAConfig, PEFTDense, ad
 from kfac_jax_peft.peft.tree import is_trainable_path
 
 Array = jax.Array
+
+#: ``kfac_precondition(..., input_groups=INPUT_GROUPS)``: LoRA ``A`` layers
+#: reading the same input share one input factor: ``q``/``k``/``v`` of one
+#: self-attention, and the cross-attention ``k``/``v`` of every decoder
+#: block (all read the encoder output). Exact without LoRA dropout.
+INPUT_GROUPS = [(r"(.*/SelfAttention)/[qkv]/lora_A/kernel", r"\1"),
+                (r".*/EncDecAttention/[kv]/lora_A/kernel", "encoder_output")]
 _NEG = -1e9  # attention logit of masked keys (finite: a fully masked row stays finite)
 
 
