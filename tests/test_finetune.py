@@ -227,3 +227,18 @@ def test_share_input_factors_groups_query_and_value_of_each_block(folders):
         state, is_leaf=lambda x: isinstance(x, KFACState)) if isinstance(s, KFACState)]
     assert sorted(kstate.shared_inputs) == ["encoder/layer_0/attention",
                                             "encoder/layer_1/attention"]
+
+
+def test_t5_encoder_head_trains_with_kfac(folders, tmp_path):
+    from tiny_checkpoint import make_tiny_t5
+
+    model = make_tiny_t5(str(tmp_path / "tiny-t5"))
+    cfg = _cfg(folders, tmp_path / "t5", model=model, steps=4, eval_every=4, dropout=0.0)
+    res = train(cfg)
+    recs = [r for r in read_log(res.output_dir) if r["kind"] == "train"]
+    assert len(recs) == 2 and all(np.isfinite(r["loss"]) for r in recs)
+    weights, _ = load_peft(str(tmp_path / "t5" / "best.safetensors"))
+    paths = ["/".join(p) for p in _paths(weights)]
+    # LoRA on T5's q and v (translated from the RoBERTa names) and the head
+    assert any("/q/lora_A" in p for p in paths) and any("/v/lora_B" in p for p in paths)
+    assert any(p.startswith("classifier") for p in paths)

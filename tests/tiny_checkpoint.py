@@ -67,3 +67,21 @@ def make_rte_folder(folder: str, n_train: int = 96, n_dev: int = 48, seed: int =
 def copy_tree(src: str, dst: str) -> str:
     shutil.copytree(src, dst, dirs_exist_ok=True)
     return dst
+
+
+def make_tiny_t5(folder: str, seed: int = 0) -> str:
+    """A random T5 v1.1 (gated GELU, 2 + 2 layers, d_model 32) with the same
+    WordPiece tokenizer (pad id 0, as T5's)."""
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_folder(), local_files_only=True)
+    assert tok.pad_token_id == 0
+    config = transformers.T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64,
+                                   num_layers=2, num_decoder_layers=2, num_heads=4,
+                                   feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                                   decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(seed)
+    transformers.T5ForConditionalGeneration(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
