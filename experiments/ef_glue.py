@@ -9,16 +9,20 @@ relative to SGD's (< 1: closer to the natural gradient, Fisher through the
 logits on the step's batch) and the per-sample gradient-norm imbalance.
 Writes ``<out>/ef.md``: test metric, final training loss, the mean gamma
 and the median imbalance over the logged steps, and seconds per step
-(gamma's own cost is outside the clock).
+(gamma's own cost is outside the clock). A run whose training loss turns
+non-finite is reported as diverged (with the gamma and imbalance it logged
+before).
 """
 
 import os
+import shutil
 import sys
 
 import numpy as np
 from common import base_config, parser, run, write
 
 from kfac_jax_peft.finetune import load_data, read_log
+from kfac_jax_peft.finetune.compare import finished
 
 #: Per-optimizer settings (the damping of EF/iEF is the paper's 1e-7; SF's
 #: step at such damping is dominated by the part of the gradient outside
@@ -48,17 +52,31 @@ def main(argv=None) -> int:
         settings = dict(SETTINGS[name])
         if name == "adamw":
             settings["learning_rate"] = args.adamw_learning_rate
-        tests, losses, gammas, imbalances, walls = [], [], [], [], []
+        tests, losses, gammas, imbalances, walls, diverged = [], [], [], [], [], []
         for seed in args.seeds:
             cfg = base.replace(**settings, seed=seed,
                                output_dir=os.path.join(args.out, name, f"seed{seed}"))
-            res = run(cfg, data)
+            if finished(cfg) is None and os.path.isdir(cfg.output_dir):
+                shutil.rmtree(cfg.output_dir)  # an unfinished (diverged) earlier attempt
+            try:
+                res = run(cfg, data)
+            except FloatingPointError:  # logged as an "error" record; keep going
+                errors = [r for r in read_log(cfg.output_dir) if r["kind"] == "error"]
+                diverged.append(errors[-1]["step"])
+                continue
             recs = [r for r in read_log(cfg.output_dir) if r["kind"] == "train"]
             tests.append(res["test"]["main"])
             losses.append(res["final_loss"])
             gammas += [float(r["gamma"]) for r in recs]
             imbalances += [float(r["imbalance"]) for r in recs]
             walls.append(res["wall_clock"] / cfg.steps)
+        if diverged:
+            recs = [r for r in read_log(cfg.output_dir) if r["kind"] == "train"]
+            lines.append(f"| {name} | diverged (loss not finite at step "
+                         f"{', '.join(map(str, diverged))}) | - | "
+                         f"{np.mean([float(r['gamma']) for r in recs]):.3f} | "
+                         f"{np.median([float(r['imbalance']) for r in recs]):.1f} | - |")
+            continue
         lines.append(f"| {name} | {np.mean(tests):.4f} ± {np.std(tests):.4f} | "
                      f"{np.mean(losses):.4f} | {np.mean(gammas):.3f} | "
                      f"{np.median(imbalances):.1f} | {np.mean(walls):.3f} |")

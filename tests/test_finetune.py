@@ -145,6 +145,8 @@ def test_resume_gives_the_same_parameters(folders, tmp_path, optimizer, clip):
     full = train(_cfg(folders, tmp_path / "full", **kw), data=data)
     part = train(_cfg(folders, tmp_path / "resumed", **kw), data=data, stop_after=4)
     assert part.steps == 4
+    with pytest.raises(FileExistsError, match="resume"):  # nothing written is overwritten
+        train(_cfg(folders, tmp_path / "resumed", **kw), data=data)
     resumed = train(_cfg(folders, tmp_path / "resumed", **kw), data=data, resume=True)
     for a, b in zip(jax.tree_util.tree_leaves(full.trainable),
                     jax.tree_util.tree_leaves(resumed.trainable)):

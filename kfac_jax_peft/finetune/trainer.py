@@ -362,6 +362,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, data: Data | None = None,
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     manager = _manager(cfg.output_dir)
+    if not resume and manager.latest_step() is not None:
+        raise FileExistsError(
+            f"{cfg.output_dir!r} already holds checkpoints (latest step "
+            f"{manager.latest_step()}): pass resume=True (--resume) to continue that run, "
+            "or choose another output_dir")
     meta = {"step": 0, "best_step": -1, "best_metric": None, "wall_clock": 0.0,
             "last_loss": math.nan}
     best_trainable = jax.tree_util.tree_map(np.asarray, trainable)
