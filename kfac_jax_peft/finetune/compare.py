@@ -60,6 +60,9 @@ def finished(cfg: TrainConfig) -> dict[str, Any] | None:
     with open(os.path.join(cfg.output_dir, "config.json")) as f:
         stored = json.load(f)
     want = cfg.to_dict()
+    # a key missing from the stored config (a field added since) had its default
+    defaults = TrainConfig().to_dict()
+    stored = {**{k: defaults[k] for k in want if k not in stored}, **stored}
     differ = sorted(k for k in set(stored) | set(want)
                     if k not in ("output_dir", "progress") and stored.get(k) != want.get(k))
     if differ:
