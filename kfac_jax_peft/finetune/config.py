@@ -45,7 +45,8 @@ class TrainConfig:
     ``lora_targets``), ``"houlsby"``/``"pfeiffer"`` adapters with
     ``adapter_reduction``, or ``"head"`` (only the classification head
     trains). The classification head always trains. ``dropout`` overrides
-    the checkpoint's dropout rates when set.
+    the checkpoint's dropout rates when set, and is also LoRA's dropout (0
+    when unset).
 
     Optimizer: ``"adamw"`` (``clip`` = ``"pre"`` clips the gradient norm to
     ``max_norm``; the paper's baseline), ``"kfac"`` (``kfac_precondition``

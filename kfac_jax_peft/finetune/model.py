@@ -32,9 +32,8 @@ from kfac_jax_peft.peft import AdapterConfig, LoRAConfig
 
 Array = jax.Array
 
-#: LoRA's default targets per architecture when the config keeps the
-#: RoBERTa names ``("query", "value")``.
-_T5_NAMES = {"query": "q", "key": "k", "value": "v", "dense": "o"}
+#: RoBERTa attention-projection names in ``lora_targets`` and their T5 names.
+_T5_NAMES = {"query": "q", "key": "k", "value": "v"}
 
 
 @dataclasses.dataclass(frozen=True)

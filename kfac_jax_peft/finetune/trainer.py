@@ -544,7 +544,9 @@ def _clip_counts(ex: _Executor, opt_state) -> tuple[int, int, float | None]:
     s = clip_stats(opt_state)
     if s is None:
         return (0, 0, None)
-    return (int(ex.scalar(s.count)), int(ex.scalar(s.num_clipped)), ex.scalar(s.norm))
+    count, num_clipped, norm = (ex.scalar(x) for x in jax.device_get(
+        (s.count, s.num_clipped, s.norm)))  # one transfer
+    return (int(count), int(num_clipped), norm)
 
 
 def _rate(now, before) -> float | None:
