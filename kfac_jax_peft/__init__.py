@@ -4,8 +4,11 @@ The public API:
 
 * capture: :class:`KFACDense`, :func:`dense`, :func:`capture`,
   :func:`kfac_value_and_grad`, :class:`LayerStats`;
-* transformations: :func:`kfac_precondition`, :func:`clip_by_update_norm`,
-  :func:`clip_by_fisher_norm`;
+* transformations: :func:`kfac_precondition` (its stages in
+  :mod:`kfac_jax_peft.kfac.stages`), :func:`clip_by_update_norm`,
+  :func:`clip_by_fisher_norm`, and :func:`clipped`, which puts a clip
+  before or after a preconditioner;
+* state readers: :func:`kfac_state`, :func:`clip_stats`;
 * the paper's optimizer: :func:`kfac`.
 """
 
@@ -18,14 +21,21 @@ from kfac_jax_peft.capture import (
     layer_stats,
     zeros_stats,
 )
-from kfac_jax_peft.clipping import ClipState, clip_by_fisher_norm, clip_by_update_norm, clip_stats
-from kfac_jax_peft.kfac import KFACState, LayerState, kfac_precondition
+from kfac_jax_peft.clipping import (
+    ClipState,
+    clip_by_fisher_norm,
+    clip_by_update_norm,
+    clip_stats,
+    clipped,
+)
+from kfac_jax_peft.kfac import FactorState, KFACState, LayerState, kfac_precondition, kfac_state
 from kfac_jax_peft.optimizers import kfac
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClipState",
+    "FactorState",
     "KFACDense",
     "KFACState",
     "LayerState",
@@ -34,9 +44,11 @@ __all__ = [
     "clip_by_fisher_norm",
     "clip_by_update_norm",
     "clip_stats",
+    "clipped",
     "dense",
     "kfac",
     "kfac_precondition",
+    "kfac_state",
     "kfac_value_and_grad",
     "layer_stats",
     "zeros_stats",

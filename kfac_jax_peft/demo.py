@@ -19,7 +19,7 @@ import optax
 
 from kfac_jax_peft import toy
 from kfac_jax_peft.capture import kfac_value_and_grad
-from kfac_jax_peft.clipping import clip_by_update_norm
+from kfac_jax_peft.clipping import clipped
 from kfac_jax_peft.kfac.transform import kfac_precondition
 from kfac_jax_peft.peft import merge_trainable, split_trainable
 
@@ -40,13 +40,12 @@ class RunConfig:
 
 def build_tx(rc: RunConfig) -> optax.GradientTransformation:
     """The optimizer chain of one arm (learning rate included)."""
-    if rc.optimizer == "adamw":
-        return optax.chain(clip_by_update_norm(rc.max_norm),
+    if rc.optimizer == "adamw":  # gradient clipping
+        return optax.chain(clipped(optax.identity(), "pre", rc.max_norm),
                            optax.adamw(rc.learning_rate, weight_decay=rc.weight_decay))
-    pre = kfac_precondition(rc.damping, invert_every=rc.invert_every)
-    parts = {"post": [pre, clip_by_update_norm(rc.max_norm)],
-             "pre": [clip_by_update_norm(rc.max_norm), pre], "none": [pre]}[rc.clip]
-    return optax.chain(*parts, optax.add_decayed_weights(rc.weight_decay),
+    return optax.chain(clipped(kfac_precondition(rc.damping, invert_every=rc.invert_every),
+                               rc.clip, rc.max_norm),
+                       optax.add_decayed_weights(rc.weight_decay),
                        optax.scale_by_learning_rate(rc.learning_rate))
 
 

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import numbers
+
 import optax
 
-from kfac_jax_peft.clipping import clip_by_update_norm
-from kfac_jax_peft.kfac.transform import ScalarOrSchedule, kfac_precondition
+from kfac_jax_peft import _hyper as H
+from kfac_jax_peft.clipping import CLIP_MODES, clipped
+from kfac_jax_peft.kfac.transform import kfac_precondition
 
-CLIP_MODES = ("post", "pre", "none")
+__all__ = ["CLIP_MODES", "kfac"]
 
 
 def kfac(
-    learning_rate: ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule,
     *,
-    damping: ScalarOrSchedule = 1e-3,
-    max_update_norm: ScalarOrSchedule | None = 1.0,
+    damping: optax.ScalarOrSchedule = 1e-3,
+    max_update_norm: optax.ScalarOrSchedule | None = 1.0,
     clip: str = "post",
-    weight_decay: float = 1e-4,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
     invert_every: int = 1,
-    decay: ScalarOrSchedule = 0.95,
+    decay: optax.ScalarOrSchedule = 0.95,
     damping_mode: str = "exact",
     inverse_method: str = "cholesky_solve",
     axis_name: str | None = None,
@@ -36,22 +39,19 @@ def kfac(
     Weight decay is decoupled (added after preconditioning and clipping), as
     in AdamW. ``learning_rate`` may be a schedule (e.g.
     ``optax.join_schedules`` of two ``optax.linear_schedule`` for warm-up and decay).
+
+    Under ``optax.inject_hyperparams(kfac)`` every numeric argument may be a
+    hyperparameter (the learning rate, damping, max norm, weight decay,
+    decay, ``invert_every``); nothing needs ``static_args``.
     """
-    if clip not in CLIP_MODES:
-        raise ValueError(f"unknown clip mode {clip!r}; expected one of {CLIP_MODES}")
-    if clip != "none" and max_update_norm is None:
-        raise ValueError(f"clip={clip!r} needs max_update_norm")
+    H.check_scalar("learning_rate", learning_rate, low=0.0)
+    H.check_scalar("weight_decay", weight_decay, low=0.0)
     pre = kfac_precondition(damping, decay=decay, invert_every=invert_every,
                             damping_mode=damping_mode, inverse_method=inverse_method,
                             axis_name=axis_name)
-    parts = []
-    if clip == "pre":
-        parts += [clip_by_update_norm(max_update_norm), pre]
-    elif clip == "post":
-        parts += [pre, clip_by_update_norm(max_update_norm)]
-    else:
-        parts += [pre]
-    if weight_decay:
+    parts = [clipped(pre, clip, max_update_norm)]
+    # a weight decay of exactly 0 adds nothing; a traced one (inject_hyperparams) is kept
+    if not (isinstance(weight_decay, numbers.Real) and weight_decay == 0):
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kfac_jax_peft.capture import KFACDense
-from kfac_jax_peft.kfac.transform import path_str
+from kfac_jax_peft.kfac.layers import path_str
 from kfac_jax_peft.peft import LoRAConfig, PEFTDense
 
 

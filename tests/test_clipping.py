@@ -1,5 +1,6 @@
 """Pre- vs post-clipping and the Fisher-norm clip."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -73,8 +74,59 @@ def test_clip_threshold_schedule_and_nonfinite_norm():
     np.testing.assert_allclose(u["w"], [1.0, 0.0])
     u, state = tx.update({"w": jnp.array([4.0, 0.0])}, state)
     np.testing.assert_allclose(u["w"], [2.0, 0.0])
-    u, state = tx.update({"w": jnp.array([jnp.inf, 0.0])}, state)
-    assert not bool(state.clipped)  # reported, not turned into NaN by inf * 0
+    for bad in (jnp.inf, jnp.nan):  # cannot be bounded: the step is skipped, never applied
+        u, state = tx.update({"w": jnp.array([bad, 0.0])}, state)
+        np.testing.assert_array_equal(u["w"], [0.0, 0.0])
+    assert int(state.num_skipped) == 2 and int(state.num_clipped) == 4
+    assert float(state.norm) == 4.0  # the last finite norm; nothing non-finite is stored
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_clip_norm_cannot_overflow(dtype):
+    """The sum of squares overflows the leaf dtype (float16 above a norm of
+    256, float32 above ~1.8e19 per entry); the clip must still bound the step."""
+    big = {"float16": 300.0, "bfloat16": 1e30, "float32": 2.6e34}[dtype]
+    tx = kp.clip_by_update_norm(1.0)
+    u = {"w": jnp.full((4,), big, dtype), "b": jnp.full((2, 3), -big / 2, dtype)}
+    out, state = jax.jit(tx.update)(u, tx.init(u))
+    assert out["w"].dtype == jnp.dtype(dtype)
+    flat = np.concatenate([np.asarray(x, np.float64).ravel() for x in (out["w"], out["b"])])
+    ref = np.concatenate([np.asarray(x, np.float64).ravel() for x in (u["w"], u["b"])])
+    eps = float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(np.linalg.norm(flat), 1.0, rtol=4 * eps)
+    np.testing.assert_allclose(flat, ref / np.linalg.norm(ref), rtol=2 * eps, atol=eps)
+    assert bool(state.clipped) and int(state.num_skipped) == 0
+    np.testing.assert_allclose(float(state.norm), min(np.linalg.norm(ref), 3.4028235e38),
+                               rtol=1e-6)
+
+
+def test_fisher_norm_clip_cannot_overflow():
+    u = {"w": jnp.full((4,), 1e30, jnp.float32)}  # <u, g> = 4e60: inf in float32
+    out, state = kp.clip_by_fisher_norm(1.0).update(u, kp.clip_by_fisher_norm(1.0).init(u),
+                                                    grads=u)
+    np.testing.assert_allclose(np.asarray(out["w"]), np.full(4, 0.5), rtol=1e-5)  # sqrt(1/4)
+    assert bool(state.clipped) and np.isfinite(float(state.norm))
+    bad = {"w": jnp.array([jnp.nan, 1.0])}
+    out, state = kp.clip_by_fisher_norm(1.0).update(bad, state, grads=bad)
+    np.testing.assert_array_equal(out["w"], 0.0)
+    assert int(state.num_skipped) == 1
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_norm=-1.0), r"max_norm must be in \(0, inf\), got -1"),
+    (dict(max_norm=0.0), r"max_norm must be in \(0, inf\), got 0"),
+    (dict(max_norm=float("nan")), "max_norm must be finite"),
+    (dict(max_norm=float("inf")), "max_norm must be finite"),
+    (dict(max_norm="1"), "max_norm must be a real number"),
+])
+def test_clip_refuses_nonsense(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        kp.clip_by_update_norm(**kwargs)
+
+
+def test_clip_schedule_checked_at_init():
+    with pytest.raises(ValueError, match=r"max_norm \(its schedule's value at count 0\)"):
+        kp.clip_by_update_norm(lambda c: -1.0 + 0 * c).init({"w": jnp.zeros(2)})
 
 
 def test_fisher_norm_clip_matches_definition():
@@ -109,5 +161,5 @@ def test_convenience_optimizer_orders():
             assert n <= 0.1 * (1 + 1e-6)
         else:
             assert n > 0.1
-    with pytest.raises(ValueError, match="clip mode"):
+    with pytest.raises(ValueError, match="unknown clip 'middle'"):
         kp.kfac(0.1, clip="middle")

@@ -122,4 +122,4 @@ def test_ief_statistics_do_not_depend_on_the_loss_weighting_and_precondition():
     _, grads, _ = jax.jit(kp.kfac_value_and_grad(model, loss))(params, probes, *args)
     updates, state = jax.jit(tx.update)(grads, tx.init(params), params, kfac_stats=s_mean)
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree_util.tree_leaves(updates))
-    assert bool(state[0].layers["h/kernel"].has_curvature)
+    assert bool(kp.kfac_state(state).layers["h/kernel"].has_curvature)

@@ -12,7 +12,6 @@ import optax
 import pytest
 
 import kfac_jax_peft as kp
-from kfac_jax_peft.kfac.transform import SharedInput
 
 D, R, OUT = 6, 3, 8  # input width, "LoRA rank" of the projections, output width (> D:
 # full-rank G factors; a singular G with small damping makes any float32 K-FAC
@@ -87,6 +86,10 @@ def _run(tx, steps=5, **kw):
     return ups, state
 
 
+def _input_keys(state):
+    return {k for k in state.factors if not k.endswith("/G")}
+
+
 def _nbytes(tree):
     return sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
 
@@ -108,25 +111,19 @@ def test_shared_input_factors_give_the_same_updates(mode, method):
     got, s_got = _run(kp.kfac_precondition(**kw, input_groups=RULES))
     for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)):
         np.testing.assert_array_equal(a, b)
-    assert set(s_got.shared_inputs) == {"blk0", "blk1"}
-    g = s_got.shared_inputs["blk0"]
-    assert isinstance(g, SharedInput) and int(g.num_stats) == 5 and bool(g.has_curvature)
+    assert _input_keys(s_got) == {"blk0", "blk1", "blk0/o/kernel/A", "blk1/o/kernel/A",
+                                  "head/kernel/A"}
+    g = s_got.factors["blk0"]
+    assert int(g.num_stats) == 5
     for name in "qkv":
-        ls = s_got.layers[f"blk0/{name}/kernel"]
-        assert ls.factors.A is None and bool(ls.has_curvature)
-        f = s_ref.layers[f"blk0/{name}/kernel"].factors
-        np.testing.assert_array_equal(g.A, f.A)
+        assert bool(s_got.layers[f"blk0/{name}/kernel"].has_curvature)
+        np.testing.assert_array_equal(g.average, s_ref.factors[f"blk0/{name}/kernel/A"].average)
     if mode == "exact":  # one eigendecomposition per group
-        assert s_got.layers["blk0/q/kernel"].curvature.qa is None
-        assert g.curvature.q.shape == (D, D)
-        # the state loses 2 x (factor + eigenvectors + eigenvalues) per group of 3
-        saved = 2 * 2 * (2 * D * D + D) * 4
+        assert bool(g.decomposed) and g.eigen.q.shape == (D, D)
     else:  # each member keeps its own damped inverse (pi depends on its G)
-        assert g.curvature is None
-        saved = 2 * 2 * D * D * 4
-    # two groups of three: two members per group stop keeping A (and its
-    # eigendecomposition); each group adds a weight, a flag and two counters
-    assert _nbytes(s_ref) - _nbytes(s_got) == saved - 2 * (4 + 1 + 4 + 4)
+        assert g.eigen is None
+    # two groups of three: two input factors per group are no longer kept
+    assert _nbytes(s_ref) - _nbytes(s_got) == 2 * 2 * _nbytes(g)
 
 
 def test_groups_of_two():
@@ -135,7 +132,7 @@ def test_groups_of_two():
     got, state = _run(kp.kfac_precondition(1e-3, input_groups=rules))
     for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)):
         np.testing.assert_array_equal(a, b)
-    assert state.layers["blk0/k/kernel"].factors.A is not None  # k is not in a group
+    assert "blk0/k/kernel/A" in state.factors  # k is not in a group
 
 
 def test_group_declared_by_function_and_with_biases():
@@ -145,8 +142,8 @@ def test_group_declared_by_function_and_with_biases():
     kw = dict(damping=1e-2, decay=0.5)
     ref, _ = _run(kp.kfac_precondition(**kw), bias=True)
     got, state = _run(kp.kfac_precondition(**kw, input_groups=groups), bias=True)
-    assert set(state.shared_inputs) == {"blk0", "blk1"}
-    assert state.shared_inputs["blk0"].A.shape == (D + 1, D + 1)
+    assert {"blk0", "blk1"} <= set(state.factors)
+    assert state.factors["blk0"].average.shape == (D + 1, D + 1)
     for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)):
         np.testing.assert_array_equal(a, b)
 
@@ -156,7 +153,7 @@ def test_singleton_groups_and_bad_groups():
     # every layer its own group: nothing is shared, the state is the plain one
     tx = kp.kfac_precondition(input_groups=lambda path: path)
     s, s_ref = tx.init(params), kp.kfac_precondition().init(params)
-    assert s.shared_inputs == {}
+    assert set(s.factors) == set(s_ref.factors)
     assert jax.tree_util.tree_structure(s) == jax.tree_util.tree_structure(s_ref)
     with pytest.raises(ValueError, match="input group 'all' has layers with input factors "
                                          "of different sizes"):
@@ -169,19 +166,19 @@ def test_curvature_only_state_matches_the_stored_averages():
     got, s_got = _run(kp.kfac_precondition(**kw, store_factors=False), steps=6)
     # float32 eigensolver round-off only (relative to the update)
     assert _max_rel(ref, got) <= 2e-4
-    for path, ls in s_got.layers.items():
-        assert ls.factors.A is None and ls.factors.G is None
-        ref_ls = s_ref.layers[path]
-        np.testing.assert_array_equal(ls.factors.weight, ref_ls.factors.weight)
-        assert int(ls.num_stats) == 6 and bool(ls.has_curvature)
+    assert all(bool(ls.has_curvature) for ls in s_got.layers.values())
+    for key, f in s_got.factors.items():
+        ref_f = s_ref.factors[key]
+        assert f.average is None
+        np.testing.assert_array_equal(f.weight, ref_f.weight)
+        assert int(f.num_stats) == 6
         # the recovered average is the stored one
-        c = ls.curvature
-        A = (c.qa * c.a) @ c.qa.T
-        np.testing.assert_allclose(A, ref_ls.factors.A / ref_ls.factors.weight,
-                                   rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(A))))
+        E = (f.eigen.q * f.eigen.vals) @ f.eigen.q.T
+        np.testing.assert_allclose(E, ref_f.average / ref_f.weight,
+                                   rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(E))))
     assert int(s_got.num_inversions) == 6 and int(s_got.count) == 7
     # the state loses exactly the moving averages
-    averages = sum(ls.factors.A.nbytes + ls.factors.G.nbytes for ls in s_ref.layers.values())
+    averages = sum(f.average.nbytes for f in s_ref.factors.values())
     assert _nbytes(s_ref) - _nbytes(s_got) == averages
 
 
@@ -193,14 +190,12 @@ def test_curvature_only_is_exact_in_float64():
         kw = dict(damping=1e-3, decay=0.9, factor_dtype="float64")
         _, s_ref = _run(kp.kfac_precondition(**kw), steps=6)
         _, s_got = _run(kp.kfac_precondition(**kw, store_factors=False), steps=6)
-        for path, ls in s_got.layers.items():
-            f = s_ref.layers[path].factors
-            c = ls.curvature
-            for S, q, vals in ((f.A, c.qa, c.a), (f.G, c.qg, c.g)):
-                E = np.asarray(S / f.weight)
-                R = np.asarray((q * vals) @ q.T)
-                assert R.dtype == np.float64
-                assert np.linalg.norm(R - E) <= 1e-13 * np.linalg.norm(E), path
+        for key, f in s_got.factors.items():
+            ref_f = s_ref.factors[key]
+            E = np.asarray(ref_f.average / ref_f.weight)
+            R = np.asarray((f.eigen.q * f.eigen.vals) @ f.eigen.q.T)
+            assert R.dtype == np.float64
+            assert np.linalg.norm(R - E) <= 1e-13 * np.linalg.norm(E), key
     finally:
         jax.config.update("jax_enable_x64", False)
 
@@ -210,8 +205,8 @@ def test_curvature_only_with_shared_inputs():
     ref, s_ref = _run(kp.kfac_precondition(**kw))
     got, s_got = _run(kp.kfac_precondition(**kw, store_factors=False, input_groups=RULES))
     assert _max_rel(ref, got) <= 2e-4
-    g = s_got.shared_inputs["blk1"]
-    assert g.A is None and g.curvature.q.shape == (D, D) and int(g.num_stats) == 5
+    g = s_got.factors["blk1"]
+    assert g.average is None and g.eigen.q.shape == (D, D) and int(g.num_stats) == 5
     assert _nbytes(s_got) < 0.5 * _nbytes(s_ref)
 
 
@@ -228,11 +223,11 @@ def test_curvature_only_rejects_nonfinite_statistics_and_bad_settings():
     u_nan, state2 = tx.update(grads, state, params, kfac_stats=bad)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(state2))
     for name in "kqv":
-        assert int(state2.layers[f"blk0/{name}/kernel"].num_rejected) == 1
-    assert int(state2.layers["blk1/q/kernel"].num_rejected) == 0
-    assert int(state2.shared_inputs["blk0"].num_rejected) == 1
-    for a, b in zip(jax.tree_util.tree_leaves(state.shared_inputs["blk0"].curvature),
-                    jax.tree_util.tree_leaves(state2.shared_inputs["blk0"].curvature)):
+        assert int(state2.factors[f"blk0/{name}/kernel/G"].num_rejected) == 1
+    assert int(state2.factors["blk1/q/kernel/G"].num_rejected) == 0
+    assert int(state2.factors["blk0"].num_rejected) == 1
+    for a, b in zip(jax.tree_util.tree_leaves(state.factors["blk0"].eigen),
+                    jax.tree_util.tree_leaves(state2.factors["blk0"].eigen)):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(u_nan["blk0"]["q"]["kernel"], u_good["blk0"]["q"]["kernel"],
                                rtol=1e-5)

@@ -31,9 +31,10 @@ def test_state_is_namedtuple_with_count_first_and_float32_factors():
     params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
     state = kp.kfac_precondition().init(params)
     assert state._fields[0] == "count"
-    ls = state.layers["dense/kernel"]
-    assert ls.factors.A.shape == (6, 6) and ls.factors.A.dtype == jnp.float32
+    fa = state.factors["dense/kernel/A"]
+    assert fa.average.shape == (6, 6) and fa.average.dtype == jnp.float32
     assert set(state.layers) == {"dense/kernel"}
+    assert set(state.factors) == {"dense/kernel/A", "dense/kernel/G"}
 
 
 def test_init_on_shape_dtype_structs():
@@ -59,8 +60,8 @@ def test_unregistered_leaves_pass_through_and_none_stats_reuse_inverse():
     u2, s2 = tx.update(grads, s1, params)  # no new statistics: same inverse
     np.testing.assert_allclose(u2["dense"]["kernel"], u1["dense"]["kernel"], rtol=1e-6)
     assert int(s2.num_inversions) == 1 and int(s2.count) == 2
-    np.testing.assert_array_equal(s2.layers["dense/kernel"].factors.A,
-                                  s1.layers["dense/kernel"].factors.A)
+    np.testing.assert_array_equal(s2.factors["dense/kernel/A"].average,
+                                  s1.factors["dense/kernel/A"].average)
 
 
 def test_inversion_interval():
@@ -85,11 +86,11 @@ def test_ema_bias_correction_and_decay_zero():
         tx = kp.kfac_precondition(decay=decay)
         state = tx.init(params)
         _, state = tx.update(grads, state, params, kfac_stats=s1)
-        f = state.layers["dense/kernel"].factors
-        np.testing.assert_allclose(f.A / f.weight, A1, rtol=1e-6)  # unbiased from step one
+        f = state.factors["dense/kernel/A"]
+        np.testing.assert_allclose(f.average / f.weight, A1, rtol=1e-6)  # unbiased from step one
         _, state = tx.update(grads, state, params, kfac_stats=s2)
-        f = state.layers["dense/kernel"].factors
-        np.testing.assert_allclose(f.A / f.weight, want, rtol=1e-5)
+        f = state.factors["dense/kernel/A"]
+        np.testing.assert_allclose(f.average / f.weight, want, rtol=1e-5)
 
 
 def test_jit_compiles_each_trace_once():
@@ -182,15 +183,16 @@ def test_nonfinite_statistics_never_enter_the_state():
     s = stats["dense"]["kernel"]
     nan_stats = {"dense": {"kernel": s._replace(G=s.G.at[0, 0].set(jnp.nan))}}
     u_nan, state2 = tx.update(grads, state, params, kfac_stats=nan_stats)
-    ls, ls2 = state.layers["dense/kernel"], state2.layers["dense/kernel"]
-    assert int(ls2.num_rejected) == 1 and int(ls2.num_stats) == 1
-    for a, b in zip(jax.tree_util.tree_leaves(ls.factors), jax.tree_util.tree_leaves(ls2.factors)):
-        np.testing.assert_array_equal(a, b)
+    for key in ("dense/kernel/A", "dense/kernel/G"):  # a layer's factors go together
+        f, f2 = state.factors[key], state2.factors[key]
+        assert int(f2.num_rejected) == 1 and int(f2.num_stats) == 1
+        for a, b in zip(jax.tree_util.tree_leaves(f[:4]), jax.tree_util.tree_leaves(f2[:4])):
+            np.testing.assert_array_equal(a, b)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(state2))
     np.testing.assert_allclose(u_nan["dense"]["kernel"], u_good["dense"]["kernel"], rtol=1e-5)
     empty = {"dense": {"kernel": s._replace(num_tokens=0.0 * s.num_tokens)}}
     _, state3 = tx.update(grads, state, params, kfac_stats=empty)
-    assert int(state3.layers["dense/kernel"].num_rejected) == 1
+    assert int(state3.factors["dense/kernel/G"].num_rejected) == 1
 
 
 def test_zero_initialised_lora_b_gives_finite_updates():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from kfac_jax_peft.clipping import clip_by_update_norm
+from kfac_jax_peft.clipping import clipped
 from kfac_jax_peft.finetune.config import TrainConfig
 from kfac_jax_peft.kfac.transform import kfac_precondition
 
@@ -37,36 +37,35 @@ def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None, input_gro
                pre:  clip(max_norm) -> kfac_precondition -> decay -> -schedule
                none: kfac_precondition -> decay -> -schedule
 
-    ``clip`` is ``clip_by_update_norm`` (its state records the clip rate).
-    For AdamW and SGD, ``"post"`` clips the final step direction of SGD
-    and is refused for AdamW (whose step is bounded by construction).
+    The clip is placed by :func:`kfac_jax_peft.clipping.clipped` (its state
+    records the clip rate). For SGD, ``"post"`` and ``"pre"`` both clip the
+    gradient (there is no preconditioner); ``"post"`` is refused for AdamW.
     ``axis_name`` is the data-parallel axis of a pmapped step;
     ``input_groups`` is passed to ``kfac_precondition`` when
     ``cfg.share_input_factors``.
     """
     lr = learning_rate_schedule(cfg)
-    clip = [clip_by_update_norm(cfg.max_norm)]
     wd = optax.add_decayed_weights(cfg.weight_decay, decay_mask) if cfg.weight_decay else None
     tail = ([wd] if wd is not None else []) + [optax.scale_by_learning_rate(lr)]
     if cfg.optimizer == "adamw":
         if cfg.clip == "post":
             raise ValueError("optimizer='adamw' supports clip='pre' (gradient clipping) or "
                              "'none'; post-clipping is K-FAC's Newton-step clipping")
-        parts = clip if cfg.clip == "pre" else []
-        return optax.chain(*parts, optax.adamw(lr, weight_decay=cfg.weight_decay,
-                                               mask=decay_mask))
+        return optax.chain(clipped(optax.identity(), cfg.clip, cfg.max_norm),
+                           optax.adamw(lr, weight_decay=cfg.weight_decay, mask=decay_mask))
+    if cfg.optimizer == "sgd":
+        return optax.chain(clipped(optax.identity(), cfg.clip, cfg.max_norm), *tail)
+    return optax.chain(clipped(_preconditioner(cfg, axis_name, input_groups), cfg.clip,
+                               cfg.max_norm), *tail)
+
+
+def _preconditioner(cfg: TrainConfig, axis_name, input_groups):
+    """``kfac_precondition`` or the exact Woodbury preconditioner of the Fisher family."""
     if cfg.optimizer in ("ef", "ief", "sf"):
         from kfac_jax_peft import fisher
 
         make = {"ef": fisher.ef, "ief": fisher.ief, "sf": fisher.sampled_fisher}[cfg.optimizer]
-        pre = make(cfg.fisher_damping, damping_mode=cfg.fisher_damping_mode)
-        parts = {"post": [pre, *clip], "pre": [*clip, pre], "none": [pre]}[cfg.clip]
-        return optax.chain(*parts, *tail)
-    if cfg.optimizer == "sgd":
-        parts = clip if cfg.clip != "none" else []
-        return optax.chain(*parts, *tail)
-    pre = kfac_precondition(cfg.damping, decay=cfg.decay, invert_every=cfg.invert_every,
-                            damping_mode=cfg.damping_mode, axis_name=axis_name,
-                            input_groups=input_groups if cfg.share_input_factors else None)
-    parts = {"post": [pre, *clip], "pre": [*clip, pre], "none": [pre]}[cfg.clip]
-    return optax.chain(*parts, *tail)
+        return make(cfg.fisher_damping, damping_mode=cfg.fisher_damping_mode)
+    return kfac_precondition(cfg.damping, decay=cfg.decay, invert_every=cfg.invert_every,
+                             damping_mode=cfg.damping_mode, axis_name=axis_name,
+                             input_groups=input_groups if cfg.share_input_factors else None)

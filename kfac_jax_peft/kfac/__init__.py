@@ -1,5 +1,18 @@
-"""K-FAC factors, inversion and the optax transformation."""
+"""K-FAC: the layers and their factor keys, the stages, and the optax transformation.
 
-from kfac_jax_peft.kfac.transform import KFACState, LayerState, kfac_precondition
+* :mod:`~kfac_jax_peft.kfac.layers`: which leaves are layers, factor keys;
+* :mod:`~kfac_jax_peft.kfac.factors`: normalisation and moving averages;
+* :mod:`~kfac_jax_peft.kfac.inverse`: damping modes, decompositions, the
+  preconditioned direction of one layer;
+* :mod:`~kfac_jax_peft.kfac.stages`: the pure stages on the per-factor state;
+* :mod:`~kfac_jax_peft.kfac.transform`: :func:`kfac_precondition`, which
+  composes them.
+"""
 
-__all__ = ["KFACState", "LayerState", "kfac_precondition"]
+from kfac_jax_peft.kfac import stages
+from kfac_jax_peft.kfac.layers import LayerSpec, default_layer_filter, path_str
+from kfac_jax_peft.kfac.stages import FactorState, LayerState
+from kfac_jax_peft.kfac.transform import KFACState, kfac_precondition, kfac_state
+
+__all__ = ["FactorState", "KFACState", "LayerSpec", "LayerState", "default_layer_filter",
+           "kfac_precondition", "kfac_state", "path_str", "stages"]

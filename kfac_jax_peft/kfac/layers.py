@@ -1,0 +1,150 @@
+"""Which leaves are K-FAC layers, and under which key each factor is kept.
+
+A *layer* is a 2-D floating ``kernel`` leaf ``[d_in, d_out]`` (Flax's
+convention; any leaf chosen by ``layer_filter``), with its ``bias`` sibling
+of shape ``[d_out]`` folded into the input factor as a homogeneous
+coordinate, so ``d_a = d_in + 1`` with a bias and ``d_g = d_out``.
+
+Its two Kronecker factors are kept in the state under *factor keys*:
+
+* ``"<kernel path>/G"`` for the output-gradient factor;
+* ``"<kernel path>/A"`` for the input factor, or, when ``input_groups``
+  puts the layer in a group of two or more layers that read the same input,
+  the group's key, shared by the members (one moving average and, with
+  exact damping, one eigendecomposition for all of them).
+
+Paths are ``/``-joined keys of the pytree path (``jax.tree_util.keystr``
+with ``simple=True``): ``encoder/layer_0/attention/query/lora_A/kernel``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+InputGroups = Callable[[str], Any] | Sequence[tuple[str, str]]
+
+
+class LayerSpec(NamedTuple):
+    """A registered layer: its leaves, its factor keys and their sizes."""
+
+    kernel: str  # path of the kernel leaf
+    bias: str | None  # path of the bias folded into A, if any
+    a_key: str  # key of the input factor (own or shared)
+    g_key: str  # key of the output-gradient factor
+    d_a: int
+    d_g: int
+
+
+def path_str(path) -> str:
+    """``/``-joined keys of a pytree path (``params/layer/kernel``)."""
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+
+
+def is_masked(x) -> bool:
+    """A leaf masked out by ``optax.masked`` / ``optax.partition``."""
+    return isinstance(x, optax.MaskedNode)
+
+
+def flatten(tree) -> dict[str, Any]:
+    """``{path: leaf}``, masked leaves included as :data:`optax.MaskedNode`."""
+    return {path_str(p): x for p, x in
+            jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)[0]}
+
+
+def default_layer_filter(path: str, leaf) -> bool:
+    """Every 2-D floating leaf named ``kernel`` is a K-FAC layer (Flax convention)."""
+    return (path.split("/")[-1] == "kernel" and len(getattr(leaf, "shape", ())) == 2
+            and jnp.issubdtype(leaf.dtype, jnp.floating))
+
+
+def group_fn(input_groups: InputGroups | None) -> Callable[[str], str | None]:
+    """``path -> group key or None`` from a callable or ``(regex, key template)``
+    rules (the first rule whose pattern matches the whole path gives
+    ``match.expand(template)``)."""
+    if input_groups is None:
+        return lambda path: None
+    if callable(input_groups):
+        return lambda path: (None if (k := input_groups(path)) is None else str(k))
+    rules = [(re.compile(pattern), template) for pattern, template in input_groups]
+
+    def fn(path):
+        for rx, template in rules:
+            m = rx.fullmatch(path)
+            if m is not None:
+                return m.expand(template)
+        return None
+
+    return fn
+
+
+def _bias_path(kernel_path: str) -> str:
+    return "/".join(kernel_path.split("/")[:-1] + ["bias"])
+
+
+def _check_leaf(path: str, leaf) -> None:
+    shape = tuple(getattr(leaf, "shape", ()))
+    if len(shape) != 2:
+        raise ValueError(f"layer_filter chose {path!r}, whose shape {shape} is not 2-D: a K-FAC "
+                         "layer is a [d_in, d_out] kernel (a stacked nn.scan kernel or an "
+                         "nn.DenseGeneral kernel must be reshaped to 2-D first)")
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+        raise ValueError(f"layer_filter chose {path!r}, whose dtype {leaf.dtype} is not "
+                         "floating: only floating parameters can be preconditioned")
+
+
+def register(tree, layer_filter: Callable[[str, Any], bool],
+             groups: Callable[[str], str | None]) -> dict[str, LayerSpec]:
+    """The layers of a parameter (or update) tree, keyed by kernel path."""
+    flat = flatten(tree)
+    found = {}
+    for path, leaf in flat.items():
+        if is_masked(leaf) or not layer_filter(path, leaf):
+            continue
+        _check_leaf(path, leaf)
+        bias = flat.get(_bias_path(path))
+        has_bias = (bias is not None and not is_masked(bias)
+                    and tuple(bias.shape) == (leaf.shape[1],))
+        found[path] = (leaf, _bias_path(path) if has_bias else None)
+    members: dict[str, list[str]] = {}
+    for path in sorted(found):
+        key = groups(path)
+        if key is not None:
+            members.setdefault(key, []).append(path)
+    shared = {p: k for k, ps in members.items() if len(ps) > 1 for p in ps}
+    specs = {}
+    for path, (leaf, bias) in found.items():
+        specs[path] = LayerSpec(path, bias, shared.get(path, f"{path}/A"), f"{path}/G",
+                                leaf.shape[0] + int(bias is not None), leaf.shape[1])
+    _check_keys(specs)
+    return specs
+
+
+def _check_keys(specs: Mapping[str, LayerSpec]) -> None:
+    """Shared input factors need one size; a group key must not be a layer's own key."""
+    sizes: dict[str, set] = {}
+    for s in specs.values():
+        sizes.setdefault(s.a_key, set()).add(s.d_a)
+    for key, ds in sizes.items():
+        if len(ds) > 1:
+            members = {s.kernel: s.d_a for s in specs.values() if s.a_key == key}
+            raise ValueError(f"input group {key!r} has layers with input factors of "
+                             f"different sizes: {members}")
+    own = {k for s in specs.values() for k in (f"{s.kernel}/A", s.g_key)}
+    for s in specs.values():
+        if s.a_key != f"{s.kernel}/A" and s.a_key in own:
+            raise ValueError(f"input group key {s.a_key!r} is also a layer's own factor key")
+
+
+def factor_sizes(specs: Mapping[str, LayerSpec]) -> dict[str, int]:
+    """``{factor key: dimension}`` of every factor of ``specs``."""
+    out = {}
+    for s in specs.values():
+        out[s.a_key] = s.d_a
+        out[s.g_key] = s.d_g
+    return dict(sorted(out.items()))

@@ -1,0 +1,279 @@
+"""K-FAC as three pure stages on a state kept per factor.
+
+:func:`~kfac_jax_peft.kfac_precondition` composes them; a variant (another
+inversion schedule, EKFAC) composes them differently. Each stage takes and
+returns plain dicts of NamedTuples keyed by factor key or kernel path (see
+:mod:`kfac_jax_peft.kfac.layers`), so it can be called, tested and jitted
+on its own.
+
+1. **Statistics** (:func:`match_statistics`, :func:`factor_statistics`):
+   the :class:`~kfac_jax_peft.LayerStats` of a step, checked against the
+   registered layers, become one normalised matrix per factor key with an
+   ``ok`` flag (finite, from a batch with a real token). A layer's own
+   ``A`` and its ``G`` are accepted together; a shared input factor takes
+   the statistics of its group's first member (in path order) that has
+   statistics, and a member's ``G`` is accepted only with a finite group
+   ``A``.
+2. **Accumulate** (:func:`accumulate`): the bias-corrected moving average
+   of :mod:`kfac_jax_peft.kfac.factors`, factor by factor; a factor whose
+   statistics or new average are not finite keeps its previous state and
+   counts a rejection.
+3. **Invert** (:func:`decompose`, :func:`commit_eigen`,
+   :func:`invert_layers`): eigendecompositions of the factor estimates
+   (``exact`` damping, kept per factor) or damped inverses of each layer's
+   pair (``factored`` damping, kept per layer); a result that is not
+   finite is dropped and the previous curvature kept.
+4. **Precondition** (:func:`precondition`): each registered layer's
+   gradient times its damped inverse Kronecker block; layers without
+   curvature yet, and leaves that are not layers, pass through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kfac_jax_peft.capture import LayerStats
+from kfac_jax_peft.kfac import factors as F
+from kfac_jax_peft.kfac import inverse as I
+from kfac_jax_peft.kfac.layers import LayerSpec, flatten, is_masked
+
+
+class FactorState(NamedTuple):
+    """One Kronecker factor: the input factor ``A`` of a layer (or of a
+    group of layers sharing their input), or the ``G`` of a layer.
+
+    Attributes:
+      average: the moving-average sum ``S`` (``None`` when only the
+        curvature is kept: ``store_factors=False``).
+      weight: the sum of the moving-average weights ``w``; ``S / w`` is the
+        estimate.
+      eigen: ``exact`` damping: the eigendecomposition of the estimate at
+        the last successful inversion (``None`` with ``factored`` damping).
+      decomposed: ``eigen`` holds a decomposition of real statistics.
+      num_stats: statistics accepted.
+      num_rejected: statistics rejected (not finite, no real token, a
+        non-finite gradient on the step, an overflowing average).
+    """
+
+    average: jax.Array | None
+    weight: jax.Array
+    eigen: I.EigenFactor | None
+    decomposed: jax.Array
+    num_stats: jax.Array
+    num_rejected: jax.Array
+
+
+class LayerState(NamedTuple):
+    """One layer: its damped inverses (``factored`` damping; ``None`` with
+    ``exact`` damping, whose curvature is in the factors) and whether it has
+    curvature (before that, its gradient passes through unchanged)."""
+
+    inverse: Any
+    has_curvature: jax.Array
+
+
+def init_factor(d: int, dtype, *, store: bool, exact: bool) -> FactorState:
+    return FactorState(average=jnp.zeros((d, d), dtype) if store else None,
+                       weight=jnp.zeros((), dtype),
+                       eigen=I.zeros_eigen_factor(d, dtype) if exact else None,
+                       decomposed=jnp.zeros((), bool),
+                       num_stats=jnp.zeros((), jnp.int32), num_rejected=jnp.zeros((), jnp.int32))
+
+
+def init_layer(spec: LayerSpec, dtype, *, exact: bool, method: str) -> LayerState:
+    inverse = None if exact else I.zeros_curvature(spec.d_a, spec.d_g, "factored", dtype, method)
+    return LayerState(inverse=inverse, has_curvature=jnp.zeros((), bool))
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def match_statistics(updates, specs: Mapping[str, LayerSpec], kfac_stats) -> dict:
+    """Check the statistics against the updates and layers; ``{kernel path: stats}``.
+
+    Statistics of a leaf masked out of the updates (``optax.masked``) are
+    ignored; anything else that does not fit is an error naming the leaf.
+    """
+    flat_u = flatten(updates)
+    flat_s = jax.tree_util.tree_flatten_with_path(
+        kfac_stats, is_leaf=lambda x: isinstance(x, LayerStats))[0]
+    matched = {}
+    for p, s in flat_s:
+        path = jax.tree_util.keystr(tuple(p), simple=True, separator="/")
+        if not isinstance(s, LayerStats):
+            raise TypeError(f"kfac_stats leaf at {path!r} is {type(s).__name__}, "
+                            "expected LayerStats")
+        if path not in flat_u:
+            raise ValueError(f"statistics for {path!r}, which is not a leaf of the "
+                             f"updates tree (leaves: {sorted(flat_u)[:8]}...)")
+        if is_masked(flat_u[path]):
+            continue
+        if path not in specs:
+            shape = tuple(getattr(flat_u[path], "shape", ()))
+            why = (f" (its shape {shape} is not 2-D)" if len(shape) != 2 else "")
+            raise ValueError(f"statistics for {path!r}, which is not a registered "
+                             f"K-FAC layer{why} (see layer_filter)")
+        spec = specs[path]
+        if s.A.shape != (spec.d_a, spec.d_a) or s.G.shape != (spec.d_g, spec.d_g):
+            raise ValueError(
+                f"shape mismatch for layer {path!r}: statistics A{tuple(s.A.shape)}, "
+                f"G{tuple(s.G.shape)} but the parameters need A{(spec.d_a, spec.d_a)}, "
+                f"G{(spec.d_g, spec.d_g)} (an extra row/column in A is the bias)")
+        matched[path] = s
+    return matched
+
+
+def factor_statistics(specs: Mapping[str, LayerSpec], matched: Mapping[str, LayerStats],
+                      dtype, step_ok=True) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """``{factor key: (normalised statistics, ok)}`` for the factors with statistics.
+
+    ``A / num_tokens`` and ``G / num_examples`` (K-FAC "expand"); ``ok`` is
+    False for a batch without a real token, non-finite statistics, or
+    ``step_ok`` False (a non-finite gradient on the step).
+    """
+    out: dict = {}
+    for path in sorted(matched):
+        spec, s = specs[path], matched[path]
+        if spec.a_key not in out:  # own A, or the first group member with statistics
+            out[spec.a_key] = F.normalise_sum(s.A, s.num_tokens, dtype)
+        out[spec.g_key] = F.normalise_sum(s.G, s.num_examples, dtype)
+    ok = {k: ok_k & step_ok for k, (_, ok_k) in out.items()}
+    coupled = dict(ok)
+    for path in matched:
+        spec = specs[path]
+        both = ok[spec.a_key] & ok[spec.g_key]
+        coupled[spec.g_key] = both
+        if spec.a_key == f"{path}/A":
+            coupled[spec.a_key] = both
+    return {k: (x, coupled[k]) for k, (x, _) in out.items()}
+
+
+# ------------------------------------------------------------------ accumulate
+
+
+def accumulate(factors: Mapping[str, FactorState], stats: Mapping[str, tuple], decay
+               ) -> tuple[dict[str, FactorState], dict[str, jax.Array]]:
+    """One moving-average step of each factor in ``stats``; ``(factors, accepted)``.
+
+    A factor kept as its eigendecomposition only (``average is None``) has
+    its sum recovered from it (:func:`~kfac_jax_peft.kfac.factors.ema_from_eigen`)
+    and the returned ``average`` holds the new sum, to be decomposed and
+    dropped by the caller (see :func:`commit_curvature_only`).
+    """
+    out, accepted = dict(factors), {}
+    for key, (x, ok) in stats.items():
+        f = factors[key]
+        if f.average is None:
+            s, w = F.ema_from_eigen(f.eigen.q, f.eigen.vals, f.weight, x, ok, decay)
+        else:
+            s, w = F.ema(f.average, x, ok, decay), F.ema_weight(f.weight, ok, decay)
+        ok = ok & jnp.all(jnp.isfinite(s))  # an average that overflows
+        if f.average is not None:
+            s, w = jnp.where(ok, s, f.average), jnp.where(ok, w, f.weight)
+        out[key] = f._replace(average=s, weight=w, num_stats=f.num_stats + ok.astype(jnp.int32),
+                              num_rejected=f.num_rejected + (~ok).astype(jnp.int32))
+        accepted[key] = ok
+    return out, accepted
+
+
+# ------------------------------------------------------------------ invert
+
+
+def _where(cond, new, old):
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(cond, n, o), new, old)
+
+
+def decompose(factors: Mapping[str, FactorState], keys) -> tuple[dict, dict]:
+    """Eigendecompositions of the estimates ``S / w`` of ``keys``;
+    ``({key: EigenFactor}, {key: usable})`` (usable: finite, from data)."""
+    keys = sorted(keys)
+    dec = I.eigen_factors([F.estimate_one(factors[k].average, factors[k].weight) for k in keys])
+    good = {k: I.is_finite(d) & (factors[k].weight > 0) for k, d in zip(keys, dec)}
+    return dict(zip(keys, dec)), good
+
+
+def commit_eigen(factors: Mapping[str, FactorState], dec: Mapping, good: Mapping) -> dict:
+    """Store the usable decompositions; a failed one keeps the previous."""
+    out = dict(factors)
+    for k, d in dec.items():
+        f = factors[k]
+        out[k] = f._replace(eigen=_where(good[k], d, f.eigen), decomposed=f.decomposed | good[k])
+    return out
+
+
+def commit_curvature_only(old: Mapping[str, FactorState], new: Mapping[str, FactorState],
+                          accepted: Mapping, dec: Mapping, good: Mapping) -> dict:
+    """Curvature-only state: keep a factor's new weight and decomposition only
+    where both its statistics and its decomposition are usable; otherwise
+    the step's statistics are dropped (counted in ``num_rejected``). The
+    recovered sums are not kept."""
+    out = dict(old)
+    for k in new:
+        f, c = old[k], accepted[k] & good[k]
+        out[k] = f._replace(weight=jnp.where(c, new[k].weight, f.weight),
+                            eigen=_where(c, dec[k], f.eigen), decomposed=f.decomposed | c,
+                            num_stats=f.num_stats + c.astype(jnp.int32),
+                            num_rejected=f.num_rejected + (~c).astype(jnp.int32))
+    return out
+
+
+def exact_flags(specs: Mapping[str, LayerSpec], factors: Mapping[str, FactorState],
+                layers: Mapping[str, LayerState]) -> dict:
+    """``exact`` damping: a layer has curvature once both its factors are decomposed."""
+    return {p: layers[p]._replace(has_curvature=factors[s.a_key].decomposed
+                                  & factors[s.g_key].decomposed)
+            for p, s in specs.items()}
+
+
+def invert_layers(specs: Mapping[str, LayerSpec], factors: Mapping[str, FactorState],
+                  layers: Mapping[str, LayerState], damping, method: str,
+                  ns_iterations: int, ns_tolerance: float) -> dict:
+    """``factored`` damping: new damped inverses of every layer's pair of
+    estimates; a non-finite result keeps the previous inverses."""
+    paths = sorted(specs)
+    pairs = [tuple(F.estimate_one(factors[k].average, factors[k].weight)
+                   for k in (specs[p].a_key, specs[p].g_key)) for p in paths]
+    new = I.invert(pairs, [layers[p].inverse for p in paths], "factored", method, damping,
+                   ns_iterations, ns_tolerance)
+    out = dict(layers)
+    for p, inv in zip(paths, new):
+        ls, s = layers[p], specs[p]
+        good = (I.is_finite(inv) & (factors[s.a_key].weight > 0)
+                & (factors[s.g_key].weight > 0))
+        out[p] = LayerState(inverse=_where(good, inv, ls.inverse),
+                            has_curvature=ls.has_curvature | good)
+    return out
+
+
+# ------------------------------------------------------------------ precondition
+
+
+def _curvature(spec: LayerSpec, factors, layers, exact: bool):
+    if exact:
+        return I.Eigen(*factors[spec.a_key].eigen, *factors[spec.g_key].eigen)
+    return layers[spec.kernel].inverse
+
+
+def precondition(updates, specs: Mapping[str, LayerSpec], factors: Mapping[str, FactorState],
+                 layers: Mapping[str, LayerState], damping, exact: bool):
+    """Each registered layer's ``[grad W; grad b]`` times its damped inverse
+    Kronecker block (see :mod:`kfac_jax_peft.kfac.inverse`), in the
+    factors' dtype, cast back to the gradient's; other leaves unchanged."""
+    flat = flatten(updates)
+    new = {}
+    for path, spec in specs.items():
+        gw = flat[path]
+        gb = None if spec.bias is None else flat[spec.bias]
+        v = gw if gb is None else jnp.concatenate([gw, gb[None].astype(gw.dtype)], 0)
+        u = I.precondition(v, _curvature(spec, factors, layers, exact), damping)
+        u = jnp.where(layers[path].has_curvature, u, v.astype(u.dtype))
+        new[path] = u[:gw.shape[0]].astype(gw.dtype)
+        if gb is not None:
+            new[spec.bias] = u[-1].astype(gb.dtype)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: new.get(jax.tree_util.keystr(tuple(p), simple=True, separator="/"), x),
+        updates, is_leaf=is_masked)
