@@ -116,11 +116,12 @@ def bench_size(width, depth, tokens, target, reps, damping=1e-7):
     rows["AdamW"] = (median_time(adam_step, params, a_state, *args, reps=reps),
                      median_time(jax.jit(adamw.update), g, a_state, params, reps=reps))
 
-    for name, kind, make in (("EF", "ef", fisher.ef), ("iEF", "ief", fisher.ief),
-                             ("SF(k=1)", "sf", fisher.sampled_fisher)):
+    for name, kind, make in (("EF", "empirical", fisher.ef_precondition),
+                             ("iEF", "ief", fisher.ief_precondition),
+                             ("SF(k=1)", "sampled", fisher.sampled_fisher_precondition)):
         tx = optax.chain(make(damping), optax.scale_by_learning_rate(0.1))
         state = tx.init(params)
-        psvg = fisher.per_sample_value_and_grad(model_fn, loss_fn, kind=kind)
+        psvg = fisher.per_sample_value_and_grad(model_fn, loss_fn, fisher_type=kind)
 
         @jax.jit
         def step(p, s, rng, *a, psvg=psvg, tx=tx):
@@ -194,7 +195,7 @@ def kfac_compare(args):
             return jnp.mean(per_example(logits, batch))
 
         plain_model = lambda p, batch, model_fn=model_fn: model_fn(p, None, batch)  # noqa: E731
-        psvg = fisher.per_sample_value_and_grad(plain_model, per_example, kind="ief")
+        psvg = fisher.per_sample_value_and_grad(plain_model, per_example, fisher_type="ief")
         rest = optax.chain(clip_by_update_norm(1.0), optax.add_decayed_weights(1e-4),
                            optax.scale_by_learning_rate(args.kfac_lr))
         pre = kfac_precondition(args.kfac_damping)
@@ -219,7 +220,8 @@ def kfac_compare(args):
             _, g, ex = psvg(p, batch)
             fvp = fisher.fisher_vector_product(plain_model, p, batch)
             dirs = dict(dirs)
-            for name, tx in (("EF", fisher.ef(1e-7)), ("iEF", fisher.ief(1e-7))):
+            for name, tx in (("EF", fisher.ef_precondition(1e-7)),
+                             ("iEF", fisher.ief_precondition(1e-7))):
                 dirs[name] = tx.update(g, tx.init(p), **ex)[0]
             g = dirs.pop("g")
             out = fisher.gamma_ratios(dirs, g, fvp)

@@ -9,9 +9,9 @@ over the loss contours) and a few trajectories of each method:
 * SGD: the gradient ``g``;
 * NGD: ``(F + lambda/N I)^-1 g`` with the exact Fisher ``F`` (the Hessian
   here), which points at the minimum from everywhere;
-* iEF: :func:`kfac_jax_peft.fisher.ief`, identical to NGD on least squares
+* iEF: :func:`kfac_jax_peft.fisher.ief_precondition`, identical to NGD on least squares
   (the residual scale ``s_n = r_n^2`` cancels in ``J^T S^-1 J = X^T X``);
-* EF: :func:`kfac_jax_peft.fisher.ef`, whose ``sum_n r_n^2 x_n x_n^T``
+* EF: :func:`kfac_jax_peft.fisher.ef_precondition`, whose ``sum_n r_n^2 x_n x_n^T``
   weights the examples by their squared residuals and bends the field.
 
 Everything runs in float64. Usage::
@@ -57,10 +57,11 @@ def loss_fn(z, X, y):
 
 def directions(theta, X, y, damping: float = 1e-7) -> dict:
     """The four update directions (before the learning rate) at ``theta``."""
-    vg = fisher.per_sample_value_and_grad(model_fn, loss_fn, kind="ief")
+    vg = fisher.per_sample_value_and_grad(model_fn, loss_fn, fisher_type="ief")
     _, g, extras = vg(theta, X, y)
     out = {"sgd": g}
-    for name, tx in (("ef", fisher.ef(damping)), ("ief", fisher.ief(damping))):
+    for name, tx in (("ef", fisher.ef_precondition(damping)),
+                     ("ief", fisher.ief_precondition(damping))):
         out[name] = tx.update(g, tx.init(theta), theta, **extras)[0]
     fvp = fisher.fisher_vector_product(model_fn, theta, X, y, likelihood="gaussian")
     F = jnp.stack([fvp(e) for e in jnp.eye(theta.shape[0], dtype=theta.dtype)], 1)

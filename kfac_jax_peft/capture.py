@@ -46,6 +46,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kfac_jax_peft.likelihoods import FISHER_TYPES, check_likelihood, sample_cotangents
+
 Array = jax.Array
 
 
@@ -211,8 +213,6 @@ class KFACDense(nn.Module):
         return dense(x, kernel, bias, probe=probe, mask=mask)
 
 
-FISHER_TYPES = ("empirical", "sampled", "exact", "ief")
-LIKELIHOODS = ("categorical", "gaussian")
 
 
 def _fisher_cotangents(outputs: Array, likelihood: str, fisher_type: str,
@@ -231,12 +231,7 @@ def _fisher_cotangents(outputs: Array, likelihood: str, fisher_type: str,
         if rng is None:
             raise ValueError("fisher_type='sampled' needs an rng key: call the "
                              "function returned by kfac_value_and_grad with rng=key")
-        if likelihood == "categorical":
-            y = jax.random.categorical(rng, z, axis=-1)
-            cot = jax.nn.softmax(z, axis=-1) - jax.nn.one_hot(y, C)
-        else:
-            cot = -jax.random.normal(rng, z.shape)
-        return (cot / rows).astype(outputs.dtype)
+        return (sample_cotangents(z, rng, 1, likelihood)[0] / rows).astype(outputs.dtype)
     # exact
     eye = jnp.eye(C, dtype=jnp.float32)
     if likelihood == "categorical":
@@ -332,8 +327,7 @@ def kfac_value_and_grad(model_fn: Callable, loss_fn: Callable | None = None, *,
     """
     if fisher_type not in FISHER_TYPES:
         raise ValueError(f"unknown fisher_type {fisher_type!r}; expected one of {FISHER_TYPES}")
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
+    check_likelihood(likelihood)
     if loss_fn is None and fisher_type != "empirical":
         raise ValueError(f"fisher_type={fisher_type!r} needs the two-function form "
                          "kfac_value_and_grad(model_fn, loss_fn): the Fisher is formed "

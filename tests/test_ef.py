@@ -57,8 +57,8 @@ def _rel(a, b):
 def test_per_sample_grads_scales_and_loss_equal_per_example_loop():
     params, model, loss, args = _mlp_problem(dtype=np.float32)
     X, y = args
-    loss_v, grads, extras = jax.jit(fisher.per_sample_value_and_grad(model, loss, kind="ief"))(
-        params, X, y)
+    vg = fisher.per_sample_value_and_grad(model, loss, fisher_type="ief")
+    loss_v, grads, extras = jax.jit(vg)(params, X, y)
     J = _flat_rows(extras["per_sample_grads"])
     one = jax.jit(jax.grad(lambda p, Xi, yi: loss(model(p, Xi, yi), Xi, yi)[0]))
     for i in range(X.shape[0]):
@@ -92,7 +92,7 @@ def test_per_sample_unbatched_args_and_sequence_outputs():
         ce = optax.softmax_cross_entropy_with_integer_labels(z, y)
         return jnp.sum(ce * mask, -1)
 
-    vg = fisher.per_sample_value_and_grad(model, loss, kind="ief", in_axes=(None, 0, 0, 0))
+    vg = fisher.per_sample_value_and_grad(model, loss, fisher_type="ief", in_axes=(None, 0, 0, 0))
     _, grads, extras = jax.jit(vg)(params, W0, X, y, mask)
     z = np.asarray(model(params, W0, X, y, mask), np.float64)
     p = np.exp(z - z.max(-1, keepdims=True))
@@ -118,7 +118,9 @@ def _dense_rows(kind, extras):
     return flat / np.sqrt(k)
 
 
-TX = {"ef": fisher.ef, "ief": fisher.ief, "sf": fisher.sampled_fisher}
+TX = {"ef": fisher.ef_precondition, "ief": fisher.ief_precondition,
+      "sf": fisher.sampled_fisher_precondition}
+FISHER_TYPE = {"ef": "empirical", "ief": "ief", "sf": "sampled"}
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "mode", "span_only"))
@@ -126,7 +128,7 @@ def _apply(kind, lam, u, extras, mode="absolute", span_only=None):
     """One transformation's update, jitted once per kind/mode/shape (the
     damping is traced), returning ``(direction, state)``."""
     kw = {} if span_only is None else {"span_only": span_only}
-    tx = TX[kind](lam, damping_mode=mode, **kw)
+    tx = TX[kind](lam, damping_scale=mode, **kw)
     return tx.update(u, tx.init(u), **extras)
 
 
@@ -140,7 +142,8 @@ def test_woodbury_update_equals_dense_solve(kind, n):
     rounding (~1e-16 * 1e9)."""
     with jax.enable_x64(True):
         params, model, loss, args = _mlp_problem(n=n)
-        vg = fisher.per_sample_value_and_grad(model, loss, kind=kind, num_samples=3)
+        vg = fisher.per_sample_value_and_grad(model, loss, fisher_type=FISHER_TYPE[kind],
+                                              num_samples=3)
         _, g, extras = jax.jit(vg)(params, *args, rng=jax.random.key(0))
         R = _dense_rows(kind, extras)
         P = R.shape[1]
@@ -183,7 +186,7 @@ def test_ief_is_equation_19_undamped_and_solves_j_delta_equals_s():
     13); with lambda = 1e-7 it stays within 1e-5 of it."""
     with jax.enable_x64(True):
         params, model, loss, args = _mlp_problem(n=6)
-        _, g, extras = jax.jit(fisher.per_sample_value_and_grad(model, loss, kind="ief"))(
+        _, g, extras = jax.jit(fisher.per_sample_value_and_grad(model, loss, fisher_type="ief"))(
             params, *args)
         J = _flat_rows(extras["per_sample_grads"])
         s = np.asarray(extras["scales"])
@@ -208,7 +211,8 @@ def test_least_squares_ief_equals_gauss_newton_and_ef_differs_by_the_scaling(n, 
         theta = jnp.asarray(rng.normal(size=p))
         model = lambda t, X, y: (X @ t)[:, None]  # noqa: E731
         loss = lambda z, X, y: 0.5 * (z[:, 0] - y) ** 2  # noqa: E731
-        _, g, extras = fisher.per_sample_value_and_grad(model, loss, kind="ief")(theta, X, yv)
+        vg = fisher.per_sample_value_and_grad(model, loss, fisher_type="ief")
+        _, g, extras = vg(theta, X, yv)
         Xn = np.asarray(X)
         r = Xn @ np.asarray(theta) - np.asarray(yv)
         gn = np.linalg.pinv(Xn) @ r  # Gauss-Newton, minimum norm when N < P
@@ -232,12 +236,12 @@ def test_least_squares_ief_equals_gauss_newton_and_ef_differs_by_the_scaling(n, 
 
 def _f32_setup():
     params, model, loss, args = _mlp_problem(n=8, dtype=np.float32)
-    vg = jax.jit(fisher.per_sample_value_and_grad(model, loss, kind="ief"))
+    vg = jax.jit(fisher.per_sample_value_and_grad(model, loss, fisher_type="ief"))
     _, g, extras = vg(params, *args)
     return params, g, extras
 
 
-@pytest.mark.parametrize("make", [fisher.ef, fisher.ief])
+@pytest.mark.parametrize("make", [fisher.ef_precondition, fisher.ief_precondition])
 def test_pre_clipping_scales_the_update_and_post_clipping_bounds_it(make):
     params, g, extras = _f32_setup()
     base = make(1e-3)
@@ -256,7 +260,8 @@ def test_pre_clipping_scales_the_update_and_post_clipping_bounds_it(make):
 
 def test_full_chain_jits_and_other_transformations_ignore_the_extras():
     params, g, extras = _f32_setup()
-    tx = optax.chain(fisher.ief(1e-7, damping_mode="relative"), kp.clip_by_update_norm(1.0),
+    tx = optax.chain(fisher.ief_precondition(1e-7, damping_scale="relative"),
+                     kp.clip_by_update_norm(1.0),
                      optax.add_decayed_weights(1e-4), optax.scale_by_learning_rate(0.1))
     state = tx.init(params)
     step = jax.jit(tx.update)
@@ -313,18 +318,36 @@ def test_zero_rows_and_zero_damping():
 def test_missing_or_mismatched_extras_raise():
     params, g, extras = _f32_setup()
     with pytest.raises(ValueError, match="per_sample_grads"):
-        fisher.ef().update(g, fisher.ef().init(params))
+        fisher.ef_precondition().update(g, fisher.ef_precondition().init(params))
     with pytest.raises(ValueError, match="scales"):
-        fisher.ief().update(g, fisher.ief().init(g), per_sample_grads=extras["per_sample_grads"])
+        fisher.ief_precondition().update(g, fisher.ief_precondition().init(g),
+                                         per_sample_grads=extras["per_sample_grads"])
     with pytest.raises(ValueError, match="sampled_grads"):
-        fisher.sampled_fisher().update(g, fisher.ef().init(g), **extras)
+        fisher.sampled_fisher_precondition().update(g, fisher.ef_precondition().init(g), **extras)
     bad = {"per_sample_grads": {"l1": extras["per_sample_grads"]["l1"]}}
     with pytest.raises(ValueError, match="tree structure"):
-        fisher.ef().update(g, fisher.ef().init(g), **bad)
-    with pytest.raises(ValueError, match="damping_mode"):
-        fisher.ef(damping_mode="trace")
-    with pytest.raises(ValueError, match="kind"):
-        fisher.per_sample_value_and_grad(None, None, kind="gn")
+        fisher.ef_precondition().update(g, fisher.ef_precondition().init(g), **bad)
+    with pytest.raises(ValueError, match="damping_scale"):
+        fisher.ef_precondition(damping_scale="trace")
+    with pytest.raises(ValueError, match="fisher_type"):
+        fisher.per_sample_value_and_grad(None, None, fisher_type="gn")
     _, model, loss, args = _mlp_problem(dtype=np.float32)
     with pytest.raises(ValueError, match="rng"):
-        fisher.per_sample_value_and_grad(model, loss, kind="sf")(params, *args)
+        fisher.per_sample_value_and_grad(model, loss, fisher_type="sampled")(params, *args)
+
+
+def test_first_release_names_still_work_with_a_warning():
+    params, model, loss, args = _mlp_problem(dtype=np.float32)
+    with pytest.warns(DeprecationWarning, match="use fisher_type='ief'"):
+        old_vg = fisher.per_sample_value_and_grad(model, loss, kind="ief")
+    _, g, ex = old_vg(params, *args)
+    _, g2, ex2 = fisher.per_sample_value_and_grad(model, loss, fisher_type="ief")(params, *args)
+    with pytest.warns(DeprecationWarning, match="use fisher.ief_precondition"):
+        old = fisher.ief(1e-3)
+    with pytest.warns(DeprecationWarning, match="use damping_scale='relative'"):
+        old_rel = fisher.ief_precondition(1e-3, damping_mode="relative")
+    for a, b in ((old, fisher.ief_precondition(1e-3)),
+                 (old_rel, fisher.ief_precondition(1e-3, damping_scale="relative"))):
+        ua, ub = a.update(g, a.init(g), **ex)[0], b.update(g2, b.init(g2), **ex2)[0]
+        for x, y in zip(jax.tree_util.tree_leaves(ua), jax.tree_util.tree_leaves(ub)):
+            np.testing.assert_array_equal(x, y)

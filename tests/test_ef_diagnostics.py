@@ -83,21 +83,22 @@ def test_ief_attains_the_optimum_on_least_squares_and_ef_does_not():
         theta = jnp.asarray(rng.normal(size=p))
         model = lambda t, X, y: (X @ t)[:, None]  # noqa: E731
         loss = lambda z, X, y: 0.5 * (z[:, 0] - y) ** 2  # noqa: E731
-        vg = jax.jit(fisher.per_sample_value_and_grad(model, loss, kind="ief"))
+        vg = jax.jit(fisher.per_sample_value_and_grad(model, loss, fisher_type="ief"))
         _, g, ex = vg(theta, X, y)
         fvp = fisher.fisher_vector_product(model, theta, X, y, likelihood="gaussian")
         Xn = np.asarray(X)
         F = Xn.T @ Xn / n
         gamma_star = 1.0 / np.sqrt(np.asarray(g) @ np.linalg.solve(F, np.asarray(g)))
-        u_ief = fisher.ief(1e-12).update(g, fisher.ief().init(theta), **ex)[0]
-        u_ef = fisher.ef(1e-12).update(g, fisher.ef().init(theta), **ex)[0]
+        ief, ef = fisher.ief_precondition(1e-12), fisher.ef_precondition(1e-12)
+        u_ief = ief.update(g, ief.init(theta), **ex)[0]
+        u_ef = ef.update(g, ef.init(theta), **ex)[0]
         np.testing.assert_allclose(fisher.gamma(u_ief, g, fvp), gamma_star, rtol=1e-8)
         assert fisher.gamma(u_ef, g, fvp) > 1.01 * gamma_star
 
 
 def test_sampled_fisher_converges_to_the_exact_fisher(problem):
     """F(k) = (1/N)(1/k) sum_{n,m} j_nm j_nm^T from per_sample_value_and_grad
-    (kind="sf") against the dense exact Fisher. A Monte-Carlo mean: the
+    (fisher_type="sampled") against the dense exact Fisher. A Monte-Carlo mean: the
     relative Frobenius error shrinks like 1/sqrt(k). With this seed it is
     0.27 at k=16 and 0.013 at k=4000 (expected ~0.27 * sqrt(16/4000) =
     0.017); asserted: below 0.03 at k=4000, and at least 8 times smaller
@@ -106,7 +107,7 @@ def test_sampled_fisher_converges_to_the_exact_fisher(problem):
     errs = {}
     with jax.enable_x64(True):
         for k in (16, 4000):
-            vg = jax.jit(fisher.per_sample_value_and_grad(model, loss, kind="sf",
+            vg = jax.jit(fisher.per_sample_value_and_grad(model, loss, fisher_type="sampled",
                                                           num_samples=k))
             _, _, ex = vg(params, *args, rng=jax.random.key(0))
             Js = ex["sampled_grads"]

@@ -2,9 +2,11 @@
 
 * :func:`per_sample_value_and_grad`: loss, gradient, per-sample gradients
   and logits-level gradient norms from one pass (memory ``N x P``);
-* :func:`ef`, :func:`ief`, :func:`sampled_fisher`: optax transformations
-  applying the exact damped EF, iEF and ``F(k)`` preconditioners through
-  the Woodbury identity on the ``N x N`` Gram matrix;
+* :func:`ef_precondition`, :func:`ief_precondition`,
+  :func:`sampled_fisher_precondition`: optax transformations applying the
+  exact damped EF, iEF and ``F(k)`` preconditioners through the Woodbury
+  identity on the ``N x N`` Gram matrix (``ef``, ``ief`` and
+  ``sampled_fisher`` are their deprecated first names);
 * :func:`fisher_vector_product`, :func:`gamma`, :func:`gamma_relative_to_sgd`,
   :func:`gradient_norm_imbalance`: the paper's indicators.
 
@@ -20,29 +22,38 @@ from kfac_jax_peft.fisher.diagnostics import (
     gradient_norm_imbalance,
     per_sample_grad_norms,
 )
-from kfac_jax_peft.fisher.per_sample import per_sample_value_and_grad, sample_cotangents
+from kfac_jax_peft.fisher.per_sample import per_sample_value_and_grad
 from kfac_jax_peft.fisher.woodbury import (
+    DAMPING_SCALES,
     WoodburyState,
     ef,
+    ef_precondition,
     ief,
+    ief_precondition,
     ief_row_scale,
     sampled_fisher,
+    sampled_fisher_precondition,
     woodbury_precondition,
 )
+from kfac_jax_peft.likelihoods import sample_cotangents
 
 __all__ = [
+    "DAMPING_SCALES",
     "WoodburyState",
     "ef",
+    "ef_precondition",
     "fisher_vector_product",
     "gamma",
     "gamma_ratios",
     "gamma_relative_to_sgd",
     "gradient_norm_imbalance",
     "ief",
+    "ief_precondition",
     "ief_row_scale",
     "per_sample_grad_norms",
     "per_sample_value_and_grad",
     "sample_cotangents",
     "sampled_fisher",
+    "sampled_fisher_precondition",
     "woodbury_precondition",
 ]

@@ -17,7 +17,7 @@ Fisher the same pull-back is applied to ``k`` further cotangents
 distribution.
 
 Memory. The per-sample gradients are materialised: ``N x P`` numbers (for
-``kind="sf"``: ``N x k x P`` returned and ``N x (k + 1) x P`` transient),
+``fisher_type="sampled"``: ``N x k x P`` returned and ``N x (k + 1) x P`` transient),
 in the parameters' dtype. With ``N = 32`` and ``P = 10^6`` float32 that is
 128 MB. The frozen base model is shared, never copied per example, and
 activations are those of one batched forward pass. This is the ``O(NP)``
@@ -36,14 +36,21 @@ along axis 0 unless ``in_axes`` says ``None`` for that argument.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-KINDS = ("ef", "ief", "sf")
-LIKELIHOODS = ("categorical", "gaussian")
+from kfac_jax_peft import _hyper as H
+from kfac_jax_peft.likelihoods import check_likelihood, sample_cotangents
+
+#: The Fisher types a per-sample pass can serve (see
+#: :data:`kfac_jax_peft.likelihoods.FISHER_TYPES`).
+PER_SAMPLE_FISHER_TYPES = ("empirical", "ief", "sampled")
+#: The names of the first release, accepted with a DeprecationWarning.
+_OLD_KINDS = {"ef": "empirical", "ief": "ief", "sf": "sampled"}
 
 
 def _axes(in_axes, num_args: int) -> tuple:
@@ -68,29 +75,11 @@ def _mean0(j: jax.Array) -> jax.Array:
     return out.reshape(j.shape[1:]).astype(j.dtype)
 
 
-def sample_cotangents(outputs: jax.Array, rng: jax.Array, num_samples: int,
-                      likelihood: str = "categorical") -> jax.Array:
-    """``num_samples`` cotangents ``-grad_z log p(y_hat | z)`` for ``y_hat ~ p(. | z)``.
-
-    Every position of ``outputs [..., C]`` is an independent prediction whose
-    negative log-likelihoods are summed; the result has shape
-    ``[num_samples, *outputs.shape]``. Categorical: ``softmax(z) -
-    onehot(y_hat)``; Gaussian (unit variance): ``-(y_hat - z) = -eps``.
-    """
-    z = outputs.astype(jnp.promote_types(outputs.dtype, jnp.float32))
-    if likelihood == "categorical":
-        y = jax.random.categorical(rng, z, axis=-1, shape=(num_samples,) + z.shape[:-1])
-        cot = jax.nn.softmax(z, axis=-1)[None] - jax.nn.one_hot(y, z.shape[-1], dtype=z.dtype)
-    elif likelihood == "gaussian":
-        cot = -jax.random.normal(rng, (num_samples,) + z.shape, z.dtype)
-    else:
-        raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
-    return cot.astype(outputs.dtype)
-
-
-def per_sample_value_and_grad(model_fn: Callable, loss_fn: Callable, *, kind: str = "ef",
-                              num_samples: int = 1, likelihood: str = "categorical",
-                              in_axes: int | None | Sequence[int | None] = 0) -> Callable:
+def per_sample_value_and_grad(model_fn: Callable, loss_fn: Callable, *,
+                              fisher_type: str = "empirical", num_samples: int = 1,
+                              likelihood: str = "categorical",
+                              in_axes: int | None | Sequence[int | None] = 0,
+                              kind: str | None = None) -> Callable:
     """Loss, gradient and the per-sample quantities the exact updates need.
 
     Args:
@@ -98,16 +87,17 @@ def per_sample_value_and_grad(model_fn: Callable, loss_fn: Callable, *, kind: st
         tree of *trainable* parameters (close over, or pass with
         ``in_axes=None``, the frozen ones).
       loss_fn: ``(outputs, *args) -> per-example losses [N]`` (or their mean).
-      kind: ``"ef"``, ``"ief"`` or ``"sf"``: which transformation of
-        :mod:`kfac_jax_peft.fisher` the extras are for.
-      num_samples: Monte-Carlo labels per example for ``kind="sf"`` (``k``
+      fisher_type: ``"empirical"``, ``"ief"`` or ``"sampled"``: which
+        preconditioner of :mod:`kfac_jax_peft.fisher` the extras are for.
+      num_samples: Monte-Carlo labels per example for ``"sampled"`` (``k``
         in ``F(k)``; the paper's equation 24 calls it ``M``).
       likelihood: ``"categorical"`` (logits) or ``"gaussian"`` (unit-variance
-        means), the predictive distribution sampled for ``kind="sf"``. With
+        means), the predictive distribution sampled for ``"sampled"``. With
         outputs ``[N, T, C]`` every position is sampled and weighted 1, i.e.
         the example's log-likelihood is the sum over positions.
       in_axes: ``0`` (every argument batched along its leading axis),
         ``None`` (none), or one entry (``0``/``None``) per argument.
+      kind: deprecated name of ``fisher_type`` (``"ef"``, ``"ief"``, ``"sf"``).
 
     Returns:
       A pure function ``(params, *args, rng=None) -> (loss, grads, extras)``:
@@ -116,31 +106,37 @@ def per_sample_value_and_grad(model_fn: Callable, loss_fn: Callable, *, kind: st
       ``extras`` the keyword arguments of the matching transformation's
       ``update``:
 
-      * ``"ef"``: ``{"per_sample_grads": J}``, a tree like ``params`` whose
+      * ``"empirical"``: ``{"per_sample_grads": J}``, a tree like ``params`` whose
         leaves have a leading axis of size ``N`` (``J[n] = grad l_n``);
       * ``"ief"``: also ``"scales"``: ``s [N]``, ``s_n = ||grad_z l_n||^2``;
-      * ``"sf"``: ``{"sampled_grads": Js}``, leaves with leading axes
+      * ``"sampled"``: ``{"sampled_grads": Js}``, leaves with leading axes
         ``[N, k]`` (``Js[n, m] = -grad log p(y_hat_m | x_n)``); needs ``rng``.
 
     Example::
 
-      vg = per_sample_value_and_grad(model_fn, loss_fn, kind="ief")
-      tx = optax.chain(ief(1e-7), optax.scale_by_learning_rate(lr))
+      vg = per_sample_value_and_grad(model_fn, loss_fn, fisher_type="ief")
+      tx = optax.chain(ief_precondition(1e-7), optax.scale_by_learning_rate(lr))
       loss, grads, extras = vg(params, batch)
       updates, opt_state = tx.update(grads, opt_state, params, **extras)
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
-    num_samples = int(num_samples)
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if kind is not None:
+        if kind not in _OLD_KINDS:
+            raise ValueError(f"unknown kind {kind!r}; use fisher_type, one of "
+                             f"{PER_SAMPLE_FISHER_TYPES}")
+        warnings.warn(f"per_sample_value_and_grad(kind={kind!r}) is deprecated; use "
+                      f"fisher_type={_OLD_KINDS[kind]!r}", DeprecationWarning, stacklevel=2)
+        fisher_type = _OLD_KINDS[kind]
+    if fisher_type not in PER_SAMPLE_FISHER_TYPES:
+        raise ValueError(f"unknown fisher_type {fisher_type!r}; expected one of "
+                         f"{PER_SAMPLE_FISHER_TYPES}")
+    check_likelihood(likelihood)
+    H.check_positive_int("num_samples", num_samples)
+    sampled = fisher_type == "sampled"
 
     def fn(params, *args, rng=None):
         axes = _axes(in_axes, len(args))
-        if kind == "sf" and rng is None:
-            raise ValueError("kind='sf' samples labels: call the function returned by "
+        if sampled and rng is None:
+            raise ValueError("fisher_type='sampled' samples labels: call the function returned by "
                              "per_sample_value_and_grad with rng=key")
         n = None
         for a, ax in zip(args, axes):
@@ -151,7 +147,7 @@ def per_sample_value_and_grad(model_fn: Callable, loss_fn: Callable, *, kind: st
                     break
         if n is None:
             raise ValueError("no batched argument: at least one argument needs in_axes=0")
-        keys = jax.random.split(rng, n) if kind == "sf" else jnp.zeros((n,), jnp.uint32)
+        keys = jax.random.split(rng, n) if sampled else jnp.zeros((n,), jnp.uint32)
 
         def one(args_n, key):
             args1 = tuple(jax.tree_util.tree_map(lambda x: x[None], a) if ax == 0 else a
@@ -161,7 +157,7 @@ def per_sample_value_and_grad(model_fn: Callable, loss_fn: Callable, *, kind: st
             (g,) = vjp_fn(dz)
             dzf = dz.astype(jnp.promote_types(dz.dtype, jnp.float32))
             out: dict[str, Any] = {"loss": l, "grad": g, "s": jnp.sum(dzf * dzf)}
-            if kind == "sf":
+            if sampled:
                 cots = sample_cotangents(z, key, num_samples, likelihood)
                 out["sampled"] = jax.vmap(lambda c: vjp_fn(c)[0])(cots)
             return out
@@ -169,9 +165,9 @@ def per_sample_value_and_grad(model_fn: Callable, loss_fn: Callable, *, kind: st
         per = jax.vmap(one, in_axes=(tuple(axes), 0))(args, keys)
         loss = jnp.mean(per["loss"])
         grads = jax.tree_util.tree_map(_mean0, per["grad"])
-        if kind == "ef":
+        if fisher_type == "empirical":
             extras = {"per_sample_grads": per["grad"]}
-        elif kind == "ief":
+        elif fisher_type == "ief":
             extras = {"per_sample_grads": per["grad"], "scales": per["s"]}
         else:
             extras = {"sampled_grads": per["sampled"]}

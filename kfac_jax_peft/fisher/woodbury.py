@@ -9,9 +9,9 @@ number of examples ``N`` of the batch, the preconditioner is::
 and the update is ``C^-1 u`` for the incoming update ``u`` (the gradient of
 the *mean* training loss, possibly clipped). The rows are:
 
-* :func:`ef`: ``r_n = grad l_n``, so ``R^T R`` is the EF (eq. 4, 17);
-* :func:`ief`: ``r_n = grad l_n / ||grad_z l_n||``, the iEF matrix (eq. 5, 20);
-* :func:`sampled_fisher`: ``r_nm = grad log p(y_hat_m | x_n) / sqrt(k)``,
+* :func:`ef_precondition`: ``r_n = grad l_n``, so ``R^T R`` is the EF (eq. 4, 17);
+* :func:`ief_precondition`: ``r_n = grad l_n / ||grad_z l_n||``, the iEF matrix (eq. 5, 20);
+* :func:`sampled_fisher_precondition`: ``r_nm = grad log p(y_hat_m | x_n) / sqrt(k)``,
   ``k`` labels drawn from the model per example, ``F(k)`` (eq. 22-23).
 
 **Normalisation.** The paper writes the loss as a *sum* ``L = sum_n l_n``
@@ -21,7 +21,7 @@ the paper's damped matrix divided by ``N``, so that ``C^-1 g = (R^T R +
 lambda I)^-1 J^T 1`` *is the paper's update with the paper's lambda*: for
 EF ``(J^T J + lambda I)^-1 J^T 1`` (eq. 17), for the sampled Fisher
 equation 24. The damping value therefore means what it means in the paper
-(1e-7 there), independently of ``N``. With ``damping_mode="relative"`` the
+(1e-7 there), independently of ``N``. With ``damping_scale="relative"`` the
 damping is ``lambda * max_n (R R^T)_nn``, relative to the largest diagonal
 of the Gram matrix of the rows.
 
@@ -38,7 +38,7 @@ lambda I)^-1 R] u``, rearranged. Cost ``O(K^2 P + K^3)``, memory ``O(K P)``.
 clipped multiple of it, lie in the span of the rows, where the second term
 of (2) vanishes. In floating point ``u_perp`` is then rounding noise of
 relative size ``eps``, which ``1/lambda = 10^7`` would blow up to the size
-of the update; so :func:`ef` and :func:`ief` use only the first term
+of the update; so :func:`ef_precondition` and :func:`ief_precondition` use only the first term
 (``span_only=True``): the exact damped inverse on the span of the rows,
 zero on its complement. This is equivalent to the paper's formulas on
 every input they define, and stays linear in ``u``. For the sampled Fisher
@@ -56,7 +56,7 @@ momentum) lose that part under ``span_only=True``: put them after.
 
 **The iEF damping.** The supporting material writes the damped iEF update
 as ``(J^T J + lambda I)^-1 J^T s`` (eq. 19), i.e. ``J^T (J J^T + lambda
-I)^-1 s``, while :func:`ief` computes ``(J^T S^-1 J + lambda I)^-1 J^T 1 =
+I)^-1 s``, while :func:`ief_precondition` computes ``(J^T S^-1 J + lambda I)^-1 J^T 1 =
 J^T (J J^T + lambda S)^-1 s`` (``S = diag(s)``). Without damping, and
 whenever ``J J^T`` is invertible, both are ``J^T (J J^T)^-1 s``; they
 differ only in where ``lambda`` enters (``lambda`` versus ``lambda s_n``
@@ -75,21 +75,26 @@ cost accuracy. Non-finite per-sample gradients give a non-finite update.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
-DAMPING_MODES = ("absolute", "relative")
+from kfac_jax_peft import _hyper as H
+
+#: How ``damping`` is read: as ``lambda`` itself, or relative to the largest
+#: diagonal entry of the rows' Gram matrix (``damping_scale``; named
+#: ``damping_mode`` in the first release, a name K-FAC uses for another idea).
+DAMPING_SCALES = ("absolute", "relative")
 
 _HP = jax.lax.Precision.HIGHEST
 
 
 class WoodburyState(NamedTuple):
-    """State of :func:`ef`, :func:`ief` and :func:`sampled_fisher`, for logging.
+    """State of the three preconditioners of this module, for logging.
 
     Attributes:
       count: number of ``update`` calls.
@@ -101,10 +106,6 @@ class WoodburyState(NamedTuple):
     count: jax.Array
     damping: jax.Array
     rank: jax.Array
-
-
-def _resolve(value, count):
-    return value(count) if callable(value) else value
 
 
 def _check(rows, updates, lead: int, what: str):
@@ -120,7 +121,7 @@ def _check(rows, updates, lead: int, what: str):
 
 
 def woodbury_precondition(rows, updates, damping, *, num_examples, row_scale=None,
-                          damping_mode: str = "absolute", span_only: bool = True,
+                          damping_scale: str = "absolute", span_only: bool = True,
                           rcond: float | None = None):
     """``(R^T R + lambda I)^-1 N u`` through the ``K x K`` Gram matrix (module doc, (2)).
 
@@ -152,7 +153,7 @@ def woodbury_precondition(rows, updates, damping, *, num_examples, row_scale=Non
       row_scale: optional ``[K]`` factors ``d_k``: the rows used are ``d_k
         r_k``. Applied in the ``K``-dimensional space, so the scaled rows
         are never materialised.
-      damping_mode: ``"absolute"`` or ``"relative"``.
+      damping_scale: ``"absolute"`` or ``"relative"``.
       span_only: drop the component of ``u`` orthogonal to the rows (module
         doc). ``False`` needs ``lambda > 0``.
       rcond: eigenvalues of ``Qhat`` (whose diagonal is 1) below ``rcond *``
@@ -165,9 +166,7 @@ def woodbury_precondition(rows, updates, damping, *, num_examples, row_scale=Non
       ``(direction, (lambda, rank))``: the preconditioned tree (dtypes of
       ``updates``), the absolute damping used and the numerical rank.
     """
-    if damping_mode not in DAMPING_MODES:
-        raise ValueError(f"unknown damping_mode {damping_mode!r}; expected one of "
-                         f"{DAMPING_MODES}")
+    H.check_choice("damping_scale", damping_scale, DAMPING_SCALES)
     r_leaves = jax.tree_util.tree_leaves(rows)
     u_leaves, treedef = jax.tree_util.tree_flatten(updates)
     if not u_leaves:
@@ -184,7 +183,7 @@ def woodbury_precondition(rows, updates, damping, *, num_examples, row_scale=Non
         w = sc * w
     sq = jnp.maximum(jnp.diagonal(Q), 0.0)
     lam = jnp.asarray(damping, dt)
-    if damping_mode == "relative":
+    if damping_scale == "relative":
         lam = lam * jnp.max(sq)
     nz = sq > 0
     inv_d = jnp.where(nz, jax.lax.rsqrt(jnp.where(nz, sq, 1.0)), 0.0)
@@ -226,26 +225,37 @@ def woodbury_precondition(rows, updates, damping, *, num_examples, row_scale=Non
             (lam.astype(jnp.float32), jnp.sum(keep).astype(jnp.int32)))
 
 
-def _transformation(rows_fn, damping, damping_mode, span_only, rcond):
-    if damping_mode not in DAMPING_MODES:
-        raise ValueError(f"unknown damping_mode {damping_mode!r}; expected one of "
-                         f"{DAMPING_MODES}")
+def _transformation(rows_fn, damping, damping_scale, span_only, rcond):
+    H.check_choice("damping_scale", damping_scale, DAMPING_SCALES)
+    H.check_scalar("damping", damping, low=0.0)
+    if rcond is not None:
+        H.check_scalar("rcond", rcond, low=0.0, high=1.0, schedule=False)
 
     def init_fn(params):
         del params
+        H.check_schedule_start("damping", damping, low=0.0)
         return WoodburyState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32),
                              jnp.zeros((), jnp.int32))
 
     def update_fn(updates, state, params=None, **extra_args):
         del params
         rows, n, scale = rows_fn(updates, extra_args)
-        lam = _resolve(damping, state.count)
+        lam = H.resolve(damping, state.count)
         direction, (lam_abs, rank) = woodbury_precondition(
-            rows, updates, lam, num_examples=n, row_scale=scale, damping_mode=damping_mode,
+            rows, updates, lam, num_examples=n, row_scale=scale, damping_scale=damping_scale,
             span_only=span_only, rcond=rcond)
         return direction, WoodburyState(optax.safe_increment(state.count), lam_abs, rank)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _scale_arg(damping_scale, damping_mode, who):
+    """``damping_mode`` is the first release's name of ``damping_scale``."""
+    if damping_mode is None:
+        return damping_scale
+    warnings.warn(f"{who}(damping_mode=...) is deprecated; use damping_scale="
+                  f"{damping_mode!r}", DeprecationWarning, stacklevel=3)
+    return damping_mode
 
 
 def _need(extra_args, name, who, produced_by):
@@ -253,13 +263,14 @@ def _need(extra_args, name, who, produced_by):
     if value is None:
         raise ValueError(f"{who} needs the extra argument {name!r}: call "
                          f"tx.update(grads, state, params, **extras) with the extras of "
-                         f"per_sample_value_and_grad(..., kind={produced_by!r})")
+                         f"per_sample_value_and_grad(..., fisher_type={produced_by!r})")
     return value
 
 
-def ef(damping: ScalarOrSchedule = 1e-7, *, damping_mode: str = "absolute",
-       span_only: bool = True, rcond: float | None = None
-       ) -> optax.GradientTransformationExtraArgs:
+def ef_precondition(damping: optax.ScalarOrSchedule = 1e-7, *,
+                    damping_scale: str = "absolute", damping_mode: str | None = None,
+                    span_only: bool = True, rcond: float | None = None
+                    ) -> optax.GradientTransformationExtraArgs:
     r"""Exact damped empirical-Fisher preconditioning (supporting material, eq. 17).
 
     ``u -> N (J^T J + lambda I)^-1 u`` on the span of the per-sample
@@ -270,8 +281,9 @@ def ef(damping: ScalarOrSchedule = 1e-7, *, damping_mode: str = "absolute",
     Args:
       damping: ``lambda`` (float, array or schedule of ``count``); the paper
         uses 1e-7.
-      damping_mode: ``"absolute"``, or ``"relative"`` (``lambda`` times the
+      damping_scale: ``"absolute"``, or ``"relative"`` (``lambda`` times the
         largest squared per-sample gradient norm).
+      damping_mode: deprecated name of ``damping_scale``.
       span_only: see the module doc; ``False`` applies the full damped
         inverse, ``u_perp / lambda`` included.
       rcond: relative cutoff of the Gram eigenvalues (pseudo-inverse).
@@ -279,12 +291,12 @@ def ef(damping: ScalarOrSchedule = 1e-7, *, damping_mode: str = "absolute",
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs the
       extra argument ``per_sample_grads`` (from
-      :func:`~kfac_jax_peft.fisher.per_sample_value_and_grad`, ``kind="ef"``)
+      :func:`~kfac_jax_peft.fisher.per_sample_value_and_grad`, ``fisher_type="empirical"``)
       and ignores the others.
 
     Example::
 
-      tx = optax.chain(ef(1e-7), clip_by_update_norm(1.0),
+      tx = optax.chain(ef_precondition(1e-7), clip_by_update_norm(1.0),
                        optax.scale_by_learning_rate(0.01))
 
     Reference: Wu et al., "An Improved Empirical Fisher Approximation for
@@ -292,11 +304,12 @@ def ef(damping: ScalarOrSchedule = 1e-7, *, damping_mode: str = "absolute",
     """
 
     def rows_fn(updates, extra):
-        J = _need(extra, "per_sample_grads", "ef", "ef")
+        J = _need(extra, "per_sample_grads", "ef_precondition", "empirical")
         _check(J, updates, 1, "per_sample_grads")
         return J, jax.tree_util.tree_leaves(J)[0].shape[0], None
 
-    return _transformation(rows_fn, damping, damping_mode, span_only, rcond)
+    scale = _scale_arg(damping_scale, damping_mode, "ef_precondition")
+    return _transformation(rows_fn, damping, scale, span_only, rcond)
 
 
 def ief_row_scale(scales) -> jax.Array:
@@ -307,9 +320,10 @@ def ief_row_scale(scales) -> jax.Array:
     return jnp.where(s > 0, jax.lax.rsqrt(jnp.where(s > 0, s, 1.0)), 0.0)
 
 
-def ief(damping: ScalarOrSchedule = 1e-7, *, damping_mode: str = "absolute",
-        span_only: bool = True, rcond: float | None = None
-        ) -> optax.GradientTransformationExtraArgs:
+def ief_precondition(damping: optax.ScalarOrSchedule = 1e-7, *,
+                     damping_scale: str = "absolute", damping_mode: str | None = None,
+                     span_only: bool = True, rcond: float | None = None
+                     ) -> optax.GradientTransformationExtraArgs:
     r"""Exact damped improved-empirical-Fisher (iEF) preconditioning.
 
     ``u -> N (J^T S^-1 J + lambda I)^-1 u`` on the span of ``J``, with
@@ -319,30 +333,32 @@ def ief(damping: ScalarOrSchedule = 1e-7, *, damping_mode: str = "absolute",
     where the damping enters (module doc). Undamped, each per-sample loss
     changes to first order by ``-s_n`` per unit step (eq. 13).
 
-    Args: as :func:`ef`; ``damping_mode="relative"`` scales ``lambda`` by
+    Args: as :func:`ef_precondition`; ``damping_scale="relative"`` scales ``lambda`` by
     ``max_n ||grad l_n||^2 / s_n``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs the
       extra arguments ``per_sample_grads`` and ``scales`` (from
-      :func:`~kfac_jax_peft.fisher.per_sample_value_and_grad`, ``kind="ief"``).
+      :func:`~kfac_jax_peft.fisher.per_sample_value_and_grad`, ``fisher_type="ief"``).
     """
 
     def rows_fn(updates, extra):
-        J = _need(extra, "per_sample_grads", "ief", "ief")
-        s = _need(extra, "scales", "ief", "ief")
+        J = _need(extra, "per_sample_grads", "ief_precondition", "ief")
+        s = _need(extra, "scales", "ief_precondition", "ief")
         _check(J, updates, 1, "per_sample_grads")
         n = jax.tree_util.tree_leaves(J)[0].shape[0]
         if jnp.shape(s) != (n,):
             raise ValueError(f"scales has shape {jnp.shape(s)}, expected ({n},)")
         return J, n, ief_row_scale(s)
 
-    return _transformation(rows_fn, damping, damping_mode, span_only, rcond)
+    scale = _scale_arg(damping_scale, damping_mode, "ief_precondition")
+    return _transformation(rows_fn, damping, scale, span_only, rcond)
 
 
-def sampled_fisher(damping: ScalarOrSchedule = 1e-7, *, damping_mode: str = "absolute",
-                   span_only: bool = False, rcond: float | None = None
-                   ) -> optax.GradientTransformationExtraArgs:
+def sampled_fisher_precondition(damping: optax.ScalarOrSchedule = 1e-7, *,
+                                damping_scale: str = "absolute", damping_mode: str | None = None,
+                                span_only: bool = False, rcond: float | None = None
+                                ) -> optax.GradientTransformationExtraArgs:
     r"""Exact damped sampled-Fisher ``F(k)`` preconditioning (eq. 22-24).
 
     ``u -> N (F_s + lambda I)^-1 u`` with ``F_s = (1/k) sum_{n,m} j_nm
@@ -351,24 +367,43 @@ def sampled_fisher(damping: ScalarOrSchedule = 1e-7, *, damping_mode: str = "abs
     equation 24 with ``M = k``. The gradient is not in the span of the
     sampled gradients, so by default the full inverse is applied
     (``span_only=False``); its orthogonal part is ``u_perp / lambda``, which
-    dominates the update at small damping (use ``damping_mode="relative"``
+    dominates the update at small damping (use ``damping_scale="relative"``
     or a larger ``lambda`` for a usable step). As ``k`` grows ``F_s``
     converges to the exact Fisher.
 
-    Args: as :func:`ef`; ``damping_mode="relative"`` scales ``lambda`` by the
+    Args: as :func:`ef_precondition`; ``damping_scale="relative"`` scales ``lambda`` by the
     largest ``||j_nm||^2 / k``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs the
       extra argument ``sampled_grads`` (leaves with leading axes ``[N, k]``,
-      from :func:`~kfac_jax_peft.fisher.per_sample_value_and_grad`, ``kind="sf"``).
+      from :func:`~kfac_jax_peft.fisher.per_sample_value_and_grad`,
+      ``fisher_type="sampled"``).
     """
 
     def rows_fn(updates, extra):
-        Js = _need(extra, "sampled_grads", "sampled_fisher", "sf")
+        Js = _need(extra, "sampled_grads", "sampled_fisher_precondition", "sampled")
         _check(Js, updates, 2, "sampled_grads")
         n, k = jax.tree_util.tree_leaves(Js)[0].shape[:2]
         rows = jax.tree_util.tree_map(lambda j: j.reshape((n * k,) + j.shape[2:]), Js)
         return rows, n, jnp.full((n * k,), 1.0 / k**0.5, jnp.float32)
 
-    return _transformation(rows_fn, damping, damping_mode, span_only, rcond)
+    scale = _scale_arg(damping_scale, damping_mode, "sampled_fisher_precondition")
+    return _transformation(rows_fn, damping, scale, span_only, rcond)
+
+
+def _deprecated(new, old_name):
+    @functools.wraps(new)
+    def old(*args, **kwargs):
+        warnings.warn(f"fisher.{old_name} is deprecated; use fisher.{new.__name__} (a "
+                      "preconditioner, not a full optimizer)", DeprecationWarning, stacklevel=2)
+        return new(*args, **kwargs)
+
+    old.__name__ = old_name
+    return old
+
+
+#: The first release's names, kept for one release.
+ef = _deprecated(ef_precondition, "ef")
+ief = _deprecated(ief_precondition, "ief")
+sampled_fisher = _deprecated(sampled_fisher_precondition, "sampled_fisher")
