@@ -69,8 +69,13 @@ def test_factor_statistics_normalise_share_and_couple():
     empty = dict(st, **{"x/kernel": st["x/kernel"]._replace(num_tokens=jnp.asarray(0.0))})
     ok = {k: bool(v[1]) for k, v in S.factor_statistics(SPECS, empty, jnp.float64).items()}
     assert not ok["x/kernel/A"] and not ok["x/kernel/G"] and ok["grp"] and ok["y/kernel/G"]
-    ok = S.factor_statistics(SPECS, st, jnp.float64, step_ok=jnp.asarray(False))
-    assert not any(bool(v[1]) for v in ok.values())
+    # a layer whose gradient is not finite: its own factors are rejected; a
+    # shared input factor is judged by its statistics only (documented)
+    grad_ok = {"x/kernel": jnp.asarray(True), "y/kernel": jnp.asarray(False),
+               "z/kernel": jnp.asarray(True)}
+    ok = {k: bool(v[1]) for k, v in S.factor_statistics(SPECS, st, jnp.float64, grad_ok).items()}
+    assert ok == {"x/kernel/A": True, "x/kernel/G": True, "grp": True, "y/kernel/G": False,
+                  "z/kernel/G": True}
 
 
 def test_accumulate_is_the_bias_corrected_moving_average():
@@ -88,13 +93,20 @@ def test_accumulate_is_the_bias_corrected_moving_average():
 
 
 @pytest.mark.float32
-def test_accumulate_rejects_an_average_that_overflows():
-    big = jnp.full((2, 2), 3e38, jnp.float32)  # finite statistics, ...
+def test_accumulate_cannot_overflow():
+    """Finite statistics near the float32 maximum: the average is a convex
+    combination, so it stays finite; a decay outside [0, 1) (only a traced
+    hyperparameter can get past the construction-time check) would make it
+    overflow, and is rejected."""
+    big = jnp.full((2, 2), 3e38, jnp.float32)
     f = {"k": S.init_factor(2, jnp.float32, store=True, exact=True)}
-    f, _ = S.accumulate(f, {"k": (big, jnp.asarray(True))}, 0.5)
-    f2, acc = S.accumulate(f, {"k": (big * 1.0, jnp.asarray(True))}, -1.0)  # ... sum overflows
-    assert not bool(acc["k"]) and int(f2["k"].num_rejected) == 1
-    np.testing.assert_array_equal(f2["k"].average, f["k"].average)
+    for _ in range(3):
+        f, acc = S.accumulate(f, {"k": (big, jnp.asarray(True))}, 0.5)
+        assert bool(acc["k"]) and bool(jnp.all(jnp.isfinite(f["k"].average)))
+    for decay in (-1.0, 1.5, jnp.nan):
+        f2, acc = S.accumulate(f, {"k": (big, jnp.asarray(True))}, decay)
+        assert not bool(acc["k"]) and int(f2["k"].num_rejected) == 1
+        np.testing.assert_array_equal(f2["k"].average, f["k"].average)
 
 
 @pytest.mark.parametrize("damping", [1e-6, 1e-3, 1.0])

@@ -24,8 +24,8 @@ passed since the last one. So statistics may come every step or only on
 inversion steps.
 
 **What never enters the state.** Statistics that are not finite, from a
-batch without a real token, on a step whose gradient is not finite, or
-whose moving average would overflow are dropped and counted
+batch without a real token, or of a layer whose gradient is not finite on
+the step are dropped and counted
 (``num_rejected`` of the factor); an inversion that is not finite keeps
 the previous curvature. Leaves that are not layers pass through
 unchanged, and so does a layer until its first successful inversion
@@ -97,6 +97,7 @@ from kfac_jax_peft.kfac.layers import (
     InputGroups,
     default_layer_filter,
     factor_sizes,
+    flatten,
     group_fn,
     register,
 )
@@ -242,10 +243,10 @@ def _concrete_ne(value, target) -> bool:
     return not isinstance(value, jax.core.Tracer) and int(value) != target
 
 
-def _all_finite(tree) -> jax.Array:
-    leaves = [x for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "dtype")]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves \
-        else jnp.asarray(True)
+def _layer_grad_finite(updates, spec) -> jax.Array:
+    flat = flatten(updates)
+    ok = jnp.all(jnp.isfinite(flat[spec.kernel]))
+    return ok if spec.bias is None else ok & jnp.all(jnp.isfinite(flat[spec.bias]))
 
 
 def _statistics_step(cfg: _Config, specs, state: KFACState, updates, kfac_stats, lam, rho,
@@ -255,12 +256,12 @@ def _statistics_step(cfg: _Config, specs, state: KFACState, updates, kfac_stats,
     matched = S.match_statistics(updates, specs, kfac_stats)
     if not matched:
         return state
-    # a non-finite gradient anywhere on the step rejects its statistics (on
-    # every device alike: the count of bad devices is summed with the statistics)
-    bad = (~_all_finite(updates)).astype(jnp.int32)
+    # a layer whose gradient is not finite keeps its factors (on every device
+    # alike: the count of bad devices is summed with the statistics)
+    bad = {p: (~_layer_grad_finite(updates, specs[p])).astype(jnp.int32) for p in matched}
     if axis_name is not None:
         matched, bad = jax.lax.psum((matched, bad), axis_name)
-    stats = S.factor_statistics(specs, matched, cfg.dtype, bad == 0)
+    stats = S.factor_statistics(specs, matched, cfg.dtype, {p: b == 0 for p, b in bad.items()})
     factors, accepted = S.accumulate(state.factors, stats, rho)
     if not cfg.store:
         new = {k: factors[k] for k in stats}
