@@ -295,7 +295,8 @@ def main(argv=None):
             ap.error("curvature-only needs --damping-mode exact")
         variants.append((v, opts))
 
-    adamw = optax.chain(kp.clip_by_update_norm(1.0), optax.adamw(1e-3, weight_decay=1e-4))
+    adamw = optax.chain(kp.clipped(optax.identity(), "pre", 1.0),
+                        optax.adamw(1e-3, weight_decay=1e-4))
     precond = (dict(damping_mode="exact") if args.damping_mode == "exact"
                else dict(damping_mode="factored", inverse_method="cholesky"))
 
@@ -305,8 +306,8 @@ def main(argv=None):
             extra["input_groups"] = INPUT_GROUPS[name]
         if "curvature-only" in opts:
             extra["store_factors"] = False
-        return optax.chain(kp.kfac_precondition(1e-3, invert_every=1, **precond, **extra),
-                           kp.clip_by_update_norm(1.0), optax.add_decayed_weights(1e-4),
+        pre = kp.kfac_precondition(1e-3, invert_every=1, **precond, **extra)
+        return optax.chain(kp.clipped(pre, "post", 1.0), optax.add_decayed_weights(1e-4),
                            optax.scale_by_learning_rate(1e-3))
 
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), size {args.size}, "

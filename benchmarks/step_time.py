@@ -101,7 +101,8 @@ def main(argv=None):
     def steps(tx):
         return demo.make_steps(cfg, frozen, probes, tx)
 
-    adamw = optax.chain(kp.clip_by_update_norm(1.0), optax.adamw(1e-3, weight_decay=1e-4))
+    adamw = optax.chain(kp.clipped(optax.identity(), "pre", 1.0),
+                        optax.adamw(1e-3, weight_decay=1e-4))
     t_adamw, _, _ = _median_time(steps(adamw)[1], trainable, adamw.init(trainable),
                                  batches, args.reps)
     n_train = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
@@ -116,8 +117,8 @@ def main(argv=None):
     rows = []
     for name in args.modes.split(","):
         def make(invert_every, name=name):
-            tx = optax.chain(kp.kfac_precondition(1e-3, invert_every=invert_every, **MODES[name]),
-                             kp.clip_by_update_norm(1.0), optax.add_decayed_weights(1e-4),
+            pre = kp.kfac_precondition(1e-3, invert_every=invert_every, **MODES[name])
+            tx = optax.chain(kp.clipped(pre, "post", 1.0), optax.add_decayed_weights(1e-4),
                              optax.scale_by_learning_rate(0.05))
             return (tx, *steps(tx))
 
