@@ -123,10 +123,25 @@ def _capture_fwd(y, x, mask, probe):
     return y, (x, mask, probe)
 
 
+def _varying_axes(x) -> frozenset:
+    """The manual mesh axes along which ``x`` varies inside ``shard_map``
+    (empty outside it)."""
+    mat = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(getattr(mat, "varying", ()) or ())
+
+
 def _capture_bwd(res, gy):
     x, mask, probe = res
     use_bias = probe.A.shape[0] == x.shape[-1] + 1
     stats = layer_stats(x, gy, mask, use_bias, probe.A.dtype)
+    # Inside shard_map (check_vma=True) a probe that is the same on every
+    # device (replicated, like the parameters) must get a cotangent of the
+    # same type: the statistics are summed over the axes along which the batch
+    # varies, as JAX sums the gradient of a replicated parameter. They are then
+    # global sums, and kfac_precondition needs no axis_name.
+    extra = tuple(sorted(_varying_axes(stats.A) - _varying_axes(probe.A)))
+    if extra:
+        stats = jax.lax.psum(stats, extra)
     return gy, jnp.zeros_like(x), jnp.zeros_like(mask), stats
 
 

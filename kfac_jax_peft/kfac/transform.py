@@ -162,10 +162,13 @@ def kfac_precondition(
         stored Cholesky factors, triangular solves each step), ``"cholesky"``
         (stored inverses), ``"eigh"`` or ``"newton_schulz"`` (matmul-only,
         warm-started, Cholesky fallback).
-      axis_name: pmap/shard_map axis over which statistics are summed (raw
-        sums and counts, so the result equals one device on the global
-        batch). ``None``: no collective (under ``jit`` with a sharded batch
-        the sums are global already). Gradients are not reduced here.
+      axis_name: ``pmap`` axis over which statistics are summed (raw sums
+        and counts, so the result equals one device on the global batch).
+        ``None``: no collective, for ``jit`` with a sharded batch and for
+        ``jax.shard_map`` (with its default ``check_vma=True`` the
+        statistics of replicated probes come out of the backward pass
+        summed over the batch axes, as the gradients of replicated
+        parameters do). Gradients are not reduced here.
       layer_filter: ``(path, leaf) -> bool`` choosing the K-FAC layers
         (2-D floating leaves); ``None`` means every 2-D floating ``kernel``.
       factor_dtype: ``float32`` (default, whatever the parameter dtype) or
