@@ -8,7 +8,8 @@ The public API:
   :mod:`kfac_jax_peft.kfac.stages`), :func:`clip_by_update_norm`,
   :func:`clip_by_fisher_norm`, and :func:`clipped`, which puts a clip
   before or after a preconditioner;
-* state readers: :func:`kfac_state`, :func:`clip_stats`;
+* state readers: :func:`kfac_state`, :func:`describe` (a table of the
+  registered layers and what they received), :func:`clip_stats`;
 * the paper's optimizer: :func:`kfac`.
 """
 
@@ -28,7 +29,14 @@ from kfac_jax_peft.clipping import (
     clip_stats,
     clipped,
 )
-from kfac_jax_peft.kfac import FactorState, KFACState, LayerState, kfac_precondition, kfac_state
+from kfac_jax_peft.kfac import (
+    FactorState,
+    KFACState,
+    LayerState,
+    describe,
+    kfac_precondition,
+    kfac_state,
+)
 from kfac_jax_peft.optimizers import kfac
 
 __version__ = "0.1.0"
@@ -46,6 +54,7 @@ __all__ = [
     "clip_stats",
     "clipped",
     "dense",
+    "describe",
     "kfac",
     "kfac_precondition",
     "kfac_state",

@@ -71,6 +71,17 @@ state of every factor for one extra ``d^3`` matmul per factor and
 statistics step. A step whose decomposition is not finite drops that
 factor's statistics.
 
+**No silent fall-back.** A layer without statistics is preconditioned by
+nothing: K-FAC quietly becomes the (clipped) gradient. So: ``init`` warns
+when ``layer_filter`` registers no layer at all; a statistics step that
+lacks statistics for some registered layers warns once per compiled step,
+naming them; and a step without statistics that finds, at the
+``invert_every``-th call, that no statistics have ever arrived (the model
+does not capture its layers, or ``kfac_stats`` is never passed, as with
+``TrainState.apply_gradients``) warns from the device through
+``jax.debug.callback``. With ``strict=True`` each of these raises instead.
+:func:`describe` prints what is registered and what each layer received.
+
 **Hyperparameters** are checked when the transformation is built (see
 :mod:`kfac_jax_peft._hyper`): ``damping >= 0``, ``decay`` in ``[0, 1)``,
 ``invert_every`` a positive integer, all finite; a schedule's value at
@@ -83,6 +94,7 @@ in ``static_args``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -146,6 +158,7 @@ def kfac_precondition(
     ns_tolerance: float = 1e-3,
     input_groups: InputGroups | None = None,
     store_factors: bool = True,
+    strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Precondition gradients by the inverse K-FAC Fisher of each dense layer.
 
@@ -178,6 +191,8 @@ def kfac_precondition(
         back to Cholesky.
       input_groups: layers sharing one input factor; ``None``: none.
       store_factors: ``False`` keeps only the curvature.
+      strict: raise instead of warning when registered layers get no
+        statistics (see *No silent fall-back* in the module documentation).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its ``update`` takes
@@ -208,6 +223,7 @@ def kfac_precondition(
         raise ValueError("store_factors=False needs damping_mode='exact' and invert_every=1 "
                          f"(got {damping_mode!r} and {invert_every}): the moving average is "
                          "recovered from the eigendecomposition of the last step")
+    strict = bool(strict)
     cfg = _Config(exact=damping_mode == "exact", method=inverse_method,
                   dtype=H.check_factor_dtype(factor_dtype), store=store_factors,
                   layer_filter=layer_filter or default_layer_filter,
@@ -217,6 +233,10 @@ def kfac_precondition(
         H.check_schedule_start("damping", damping, low=0.0)
         H.check_schedule_start("decay", decay, low=0.0, high=1.0, high_open=True)
         specs = register(params, cfg.layer_filter, cfg.groups)
+        if not specs:
+            _complain(strict, "kfac_precondition registered no layer among the "
+                      f"{len(jax.tree_util.tree_leaves(params))} leaves of the parameters "
+                      "(see layer_filter): every update passes through unchanged")
         factors = {k: S.init_factor(d, cfg.dtype, store=cfg.store, exact=cfg.exact)
                    for k, d in factor_sizes(specs).items()}
         layers = {p: S.init_layer(s, cfg.dtype, exact=cfg.exact, method=cfg.method)
@@ -235,7 +255,9 @@ def kfac_precondition(
         if kfac_stats is not None:
             state = _statistics_step(cfg, specs, state, updates, kfac_stats, lam,
                                      H.resolve(decay, state.count), invert_every, axis_name,
-                                     (ns_iterations, ns_tolerance))
+                                     (ns_iterations, ns_tolerance), strict)
+        elif specs:
+            _check_statistics_arrived(state, invert_every, strict)
         new = S.precondition(updates, specs, state.factors, state.layers, lam, cfg.exact)
         return new, state._replace(count=optax.safe_increment(state.count))
 
@@ -252,11 +274,39 @@ def _layer_grad_finite(updates, spec) -> jax.Array:
     return ok if spec.bias is None else ok & jnp.all(jnp.isfinite(flat[spec.bias]))
 
 
+def _complain(strict: bool, message: str) -> None:
+    if strict:
+        raise ValueError(message)
+    warnings.warn(message, stacklevel=4)
+
+
+def _check_statistics_arrived(state: KFACState, invert_every, strict: bool) -> None:
+    """At the ``invert_every``-th call without statistics, warn (or raise)
+    from the device if no layer has ever accepted or rejected statistics."""
+    seen = sum((f.num_stats + f.num_rejected for f in state.factors.values()),
+               jnp.zeros((), jnp.int32))
+
+    def tell(count):
+        _complain(strict, f"kfac_precondition: {int(count)} updates and no K-FAC statistics "
+                  "yet: every layer passes its gradient through unchanged. Pass "
+                  "kfac_stats=... (from kfac_value_and_grad) on some steps, and capture the "
+                  "model's layers (KFACDense, kp.dense).")
+
+    jax.lax.cond((state.count == invert_every) & (seen == 0),
+                 lambda c: jax.debug.callback(tell, c), lambda c: None, state.count)
+
+
 def _statistics_step(cfg: _Config, specs, state: KFACState, updates, kfac_stats, lam, rho,
-                     invert_every, axis_name, ns) -> KFACState:
+                     invert_every, axis_name, ns, strict=False) -> KFACState:
     """Accumulate the step's statistics, then invert when due (or, for the
     curvature-only state, decompose what changed)."""
     matched = S.match_statistics(updates, specs, kfac_stats)
+    missing = sorted(set(specs) - set(matched))
+    if missing:
+        _complain(strict, f"kfac_precondition: no statistics for the registered layers "
+                  f"{missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} of "
+                  f"{len(specs)}) on a statistics step; they keep their factors, and pass "
+                  "their gradient through unchanged until they have curvature")
     if not matched:
         return state
     # a layer whose gradient is not finite keeps its factors (on every device
@@ -296,3 +346,35 @@ def kfac_state(opt_state) -> KFACState | None:
         if isinstance(s, KFACState):
             return s
     return None
+
+
+def describe(opt_state) -> str:
+    """A short table of the K-FAC state found in ``opt_state``: each
+    registered layer, its factor sizes, statistics accepted and rejected,
+    and whether it has curvature (its gradient passes through unchanged
+    until it has); then the shared input factors, if any."""
+    st = kfac_state(opt_state)
+    if st is None:
+        return "no K-FAC state in this optimizer state"
+    st = jax.device_get(st)
+    lines = [f"K-FAC: {int(st.count)} updates, {int(st.num_inversions)} inversions (last at "
+             f"update {int(st.last_inversion)}), {len(st.layers)} layers, "
+             f"{len(st.factors)} factors"]
+    rows = [("layer", "d_A", "d_G", "stats", "rejected", "curvature")]
+    for path in sorted(st.layers):
+        g, a = st.factors[f"{path}/G"], st.factors.get(f"{path}/A")
+        rows.append((path, "shared" if a is None else _dim(a), _dim(g), str(int(g.num_stats)),
+                     str(int(g.num_rejected)),
+                     "yes" if bool(st.layers[path].has_curvature) else "NO"))
+    own = {k for p in st.layers for k in (f"{p}/A", f"{p}/G")}
+    for key in sorted(set(st.factors) - own):
+        f = st.factors[key]
+        rows.append((f"[shared input factor {key!r}]", _dim(f), "", str(int(f.num_stats)),
+                     str(int(f.num_rejected)), ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _dim(f) -> str:
+    return str((f.average if f.average is not None else f.eigen.q).shape[0])
