@@ -10,6 +10,8 @@ The public API:
   before or after a preconditioner;
 * state readers: :func:`kfac_state`, :func:`describe` (a table of the
   registered layers and what they received), :func:`clip_stats`;
+* :func:`multi_steps`: ``optax.MultiSteps`` that sums the micro-batches'
+  K-FAC statistics;
 * the paper's optimizer: :func:`kfac`.
 """
 
@@ -36,6 +38,7 @@ from kfac_jax_peft.kfac import (
     describe,
     kfac_precondition,
     kfac_state,
+    multi_steps,
 )
 from kfac_jax_peft.optimizers import kfac
 
@@ -58,6 +61,7 @@ __all__ = [
     "kfac",
     "kfac_precondition",
     "kfac_state",
+    "multi_steps",
     "kfac_value_and_grad",
     "layer_stats",
     "zeros_stats",

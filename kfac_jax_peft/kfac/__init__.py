@@ -11,8 +11,10 @@
 
 from kfac_jax_peft.kfac import stages
 from kfac_jax_peft.kfac.layers import LayerSpec, default_layer_filter, path_str
+from kfac_jax_peft.kfac.multi_steps import MultiStepsStatsState, multi_steps
 from kfac_jax_peft.kfac.stages import FactorState, LayerState
 from kfac_jax_peft.kfac.transform import KFACState, describe, kfac_precondition, kfac_state
 
 __all__ = ["FactorState", "KFACState", "LayerSpec", "LayerState", "default_layer_filter",
-           "describe", "kfac_precondition", "kfac_state", "path_str", "stages"]
+           "describe", "kfac_precondition", "kfac_state", "multi_steps", "MultiStepsStatsState",
+           "path_str", "stages"]
