@@ -12,7 +12,9 @@ The public API:
   registered layers and what they received), :func:`clip_stats`;
 * :func:`multi_steps`: ``optax.MultiSteps`` that sums the micro-batches'
   K-FAC statistics;
-* the paper's optimizer: :func:`kfac`.
+* the paper's optimizer: :func:`kfac`;
+* :class:`KFACTrainState`: Flax's ``TrainState`` whose ``apply_gradients``
+  takes ``kfac_stats``.
 """
 
 from kfac_jax_peft.capture import (
@@ -41,6 +43,7 @@ from kfac_jax_peft.kfac import (
     multi_steps,
 )
 from kfac_jax_peft.optimizers import kfac
+from kfac_jax_peft.train_state import KFACTrainState
 
 __version__ = "0.1.0"
 
@@ -49,6 +52,7 @@ __all__ = [
     "FactorState",
     "KFACDense",
     "KFACState",
+    "KFACTrainState",
     "LayerState",
     "LayerStats",
     "capture",

@@ -86,3 +86,28 @@ def test_describe_lists_layers_and_shared_input_factors():
     assert lines[0] == "K-FAC: 1 updates, 1 inversions (last at update 0), 1 layers, 2 factors"
     assert lines[2].split() == ["dense/kernel", "6", "3", "1", "0", "yes"]
     assert kp.describe(optax.sgd(0.1).init(params)) == "no K-FAC state in this optimizer state"
+
+
+def test_flax_train_state_route():
+    """flax's TrainState cannot pass kfac_stats; KFACTrainState can, and gives
+    the step of the hand-written loop."""
+    params, probes, loss, X, Y = _problem()
+    tx = kp.kfac(0.1, damping=1e-2)
+    grad_fn = kp.kfac_value_and_grad(loss)
+    state = kp.KFACTrainState.create(apply_fn=None, params=params, tx=tx)
+
+    @jax.jit
+    def train_step(state):
+        _, grads, stats = grad_fn(state.params, probes, X, Y)
+        return state.apply_gradients(grads=grads, kfac_stats=stats)
+
+    p_ref, s_ref = params, tx.init(params)
+    for _ in range(3):
+        state = train_step(state)
+        _, g, st = grad_fn(p_ref, probes, X, Y)
+        u, s_ref = tx.update(g, s_ref, p_ref, kfac_stats=st)
+        p_ref = optax.apply_updates(p_ref, u)
+    assert int(state.step) == 3
+    assert int(kp.kfac_state(state.opt_state).num_inversions) == 3
+    for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(p_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
