@@ -3,7 +3,8 @@
 The public API:
 
 * capture: :class:`KFACDense`, :func:`dense`, :func:`capture`,
-  :func:`kfac_value_and_grad`, :class:`LayerStats`;
+  :func:`kfac_value_and_grad`, :class:`LayerStats`; for an unmodified Linen
+  model, :func:`intercept_dense` and :func:`captured_layers`;
 * transformations: :func:`kfac_precondition` (its stages in
   :mod:`kfac_jax_peft.kfac.stages`), :func:`clip_by_update_norm`,
   :func:`clip_by_fisher_norm`, and :func:`clipped`, which puts a clip
@@ -42,6 +43,8 @@ from kfac_jax_peft.kfac import (
     kfac_state,
     multi_steps,
 )
+from kfac_jax_peft.kfac.layers import captured_layers
+from kfac_jax_peft.linen import intercept_dense
 from kfac_jax_peft.optimizers import kfac
 from kfac_jax_peft.train_state import KFACTrainState
 
@@ -56,11 +59,13 @@ __all__ = [
     "LayerState",
     "LayerStats",
     "capture",
+    "captured_layers",
     "clip_by_fisher_norm",
     "clip_by_update_norm",
     "clip_stats",
     "clipped",
     "dense",
+    "intercept_dense",
     "describe",
     "kfac",
     "kfac_precondition",

@@ -1,9 +1,14 @@
 """Which leaves are K-FAC layers, and under which key each factor is kept.
 
-A *layer* is a 2-D floating ``kernel`` leaf ``[d_in, d_out]`` (Flax's
+A *layer* is a floating ``kernel`` leaf ``[d_in, d_out]`` (Flax's
 convention; any leaf chosen by ``layer_filter``), with its ``bias`` sibling
 of shape ``[d_out]`` folded into the input factor as a homogeneous
-coordinate, so ``d_a = d_in + 1`` with a bias and ``d_g = d_out``.
+coordinate, so ``d_a = d_in + 1`` with a bias and ``d_g = d_out``. A kernel
+of more dimensions (``nn.DenseGeneral``, the projections of
+``nn.MultiHeadDotProductAttention``) is the matrix ``[prod(in axes),
+prod(out axes)]`` when ``layer_filter`` returns the number ``k`` of its
+leading input axes instead of ``True`` (:func:`captured_layers` does this
+from the probes a model created); its bias has the shape of the out axes.
 
 Its two Kronecker factors are kept in the state under *factor keys*:
 
@@ -19,6 +24,7 @@ with ``simple=True``): ``encoder/layer_0/attention/query/lora_A/kernel``.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -39,6 +45,7 @@ class LayerSpec(NamedTuple):
     g_key: str  # key of the output-gradient factor
     d_a: int
     d_g: int
+    in_ndim: int = 1  # leading kernel axes that are input axes
 
 
 def path_str(path) -> str:
@@ -87,30 +94,41 @@ def _bias_path(kernel_path: str) -> str:
     return "/".join(kernel_path.split("/")[:-1] + ["bias"])
 
 
-def _check_leaf(path: str, leaf) -> None:
+def _check_leaf(path: str, leaf, in_ndim: int) -> None:
     shape = tuple(getattr(leaf, "shape", ()))
-    if len(shape) != 2:
-        raise ValueError(f"layer_filter chose {path!r}, whose shape {shape} is not 2-D: a K-FAC "
-                         "layer is a [d_in, d_out] kernel (a stacked nn.scan kernel or an "
-                         "nn.DenseGeneral kernel must be reshaped to 2-D first)")
+    if len(shape) < 2 or not 1 <= in_ndim < len(shape):
+        raise ValueError(f"layer_filter chose {path!r} of shape {shape} with {in_ndim} input "
+                         "axes: a K-FAC layer is a [d_in, d_out] kernel, or a kernel whose "
+                         "leading in_ndim axes are its inputs (return that number from "
+                         "layer_filter; a stacked nn.scan kernel is not supported)")
     if not jnp.issubdtype(leaf.dtype, jnp.floating):
         raise ValueError(f"layer_filter chose {path!r}, whose dtype {leaf.dtype} is not "
                          "floating: only floating parameters can be preconditioned")
 
 
-def register(tree, layer_filter: Callable[[str, Any], bool],
+def _in_ndim(choice) -> int:
+    """``layer_filter``'s answer as a number of input axes (0: not a layer)."""
+    if choice is True:
+        return 1
+    if choice is False or choice is None:
+        return 0
+    return int(choice)
+
+
+def register(tree, layer_filter: Callable[[str, Any], bool | int],
              groups: Callable[[str], str | None]) -> dict[str, LayerSpec]:
     """The layers of a parameter (or update) tree, keyed by kernel path."""
     flat = flatten(tree)
     found = {}
     for path, leaf in flat.items():
-        if is_masked(leaf) or not layer_filter(path, leaf):
+        k = 0 if is_masked(leaf) else _in_ndim(layer_filter(path, leaf))
+        if not k:
             continue
-        _check_leaf(path, leaf)
+        _check_leaf(path, leaf, k)
         bias = flat.get(_bias_path(path))
         has_bias = (bias is not None and not is_masked(bias)
-                    and tuple(bias.shape) == (leaf.shape[1],))
-        found[path] = (leaf, _bias_path(path) if has_bias else None)
+                    and tuple(bias.shape) == tuple(leaf.shape[k:]))
+        found[path] = (leaf, _bias_path(path) if has_bias else None, k)
     members: dict[str, list[str]] = {}
     for path in sorted(found):
         key = groups(path)
@@ -118,9 +136,10 @@ def register(tree, layer_filter: Callable[[str, Any], bool],
             members.setdefault(key, []).append(path)
     shared = {p: k for k, ps in members.items() if len(ps) > 1 for p in ps}
     specs = {}
-    for path, (leaf, bias) in found.items():
+    for path, (leaf, bias, k) in found.items():
+        d_in, d_out = math.prod(leaf.shape[:k]), math.prod(leaf.shape[k:])
         specs[path] = LayerSpec(path, bias, shared.get(path, f"{path}/A"), f"{path}/G",
-                                leaf.shape[0] + int(bias is not None), leaf.shape[1])
+                                d_in + int(bias is not None), d_out, k)
     _check_keys(specs)
     return specs
 
@@ -148,3 +167,28 @@ def factor_sizes(specs: Mapping[str, LayerSpec]) -> dict[str, int]:
         out[s.a_key] = s.d_a
         out[s.g_key] = s.d_g
     return dict(sorted(out.items()))
+
+
+def captured_layers(probes) -> Callable[[str, Any], int]:
+    """A ``layer_filter`` registering exactly the kernels that have a probe in
+    ``probes`` (the ``"kfac"`` collection a model created), with the number
+    of input axes that makes the kernel's matrix fit the probe's factor
+    sizes. A layer that records statistics is then never left out, and a
+    layer that does not is never registered."""
+    sizes = {}
+    for p, s in jax.tree_util.tree_flatten_with_path(
+            probes, is_leaf=lambda x: hasattr(x, "num_tokens"))[0]:
+        sizes[path_str(p)] = (s.A.shape[0], s.G.shape[0])
+
+    def layer_filter(path, leaf) -> int:
+        if path not in sizes:
+            return 0
+        d_a, d_g = sizes[path]
+        shape = tuple(leaf.shape)
+        for k in range(1, len(shape)):
+            if math.prod(shape[k:]) == d_g and math.prod(shape[:k]) in (d_a, d_a - 1):
+                return k
+        raise ValueError(f"the probe of {path!r} (A {d_a}x{d_a}, G {d_g}x{d_g}) does not fit "
+                         f"its kernel of shape {shape}")
+
+    return layer_filter

@@ -282,12 +282,13 @@ def precondition(updates, specs: Mapping[str, LayerSpec], factors: Mapping[str, 
     for path, spec in specs.items():
         gw = flat[path]
         gb = None if spec.bias is None else flat[spec.bias]
-        v = gw if gb is None else jnp.concatenate([gw, gb[None].astype(gw.dtype)], 0)
+        w2 = gw.reshape(-1, spec.d_g)  # [prod(in axes), prod(out axes)]
+        v = w2 if gb is None else jnp.concatenate([w2, gb.reshape(1, -1).astype(gw.dtype)], 0)
         u = I.precondition(v, _curvature(spec, factors, layers, exact), damping)
         u = jnp.where(layers[path].has_curvature, u, v.astype(u.dtype))
-        new[path] = u[:gw.shape[0]].astype(gw.dtype)
+        new[path] = u[:w2.shape[0]].reshape(gw.shape).astype(gw.dtype)
         if gb is not None:
-            new[spec.bias] = u[-1].astype(gb.dtype)
+            new[spec.bias] = u[-1].reshape(gb.shape).astype(gb.dtype)
     return jax.tree_util.tree_map_with_path(
         lambda p, x: new.get(jax.tree_util.keystr(tuple(p), simple=True, separator="/"), x),
         updates, is_leaf=is_masked)

@@ -247,7 +247,8 @@ def kfac_precondition(
 
     def update_fn(updates, state, params=None, *, kfac_stats=None, **extra_args):
         del params, extra_args
-        specs = register(updates, lambda p, x: p in state.layers, cfg.groups)
+        specs = register(updates, lambda p, x: p in state.layers and cfg.layer_filter(p, x),
+                         cfg.groups)
         missing = sorted(set(state.layers) - set(specs))
         if missing:
             raise ValueError(f"K-FAC layers {missing} of the state are not in the updates")
