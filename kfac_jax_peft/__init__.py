@@ -4,7 +4,8 @@ The public API:
 
 * capture: :class:`KFACDense`, :func:`dense`, :func:`capture`,
   :func:`kfac_value_and_grad`, :class:`LayerStats`; for an unmodified Linen
-  model, :func:`intercept_dense` and :func:`captured_layers`;
+  model, :func:`intercept_dense` and :func:`captured_layers`; for Flax NNX,
+  :func:`add_probes`, :func:`intercept_nnx` and :func:`nnx_value_and_grad`;
 * transformations: :func:`kfac_precondition` (its stages in
   :mod:`kfac_jax_peft.kfac.stages`), :func:`clip_by_update_norm`,
   :func:`clip_by_fisher_norm`, and :func:`clipped`, which puts a clip
@@ -45,15 +46,18 @@ from kfac_jax_peft.kfac import (
 )
 from kfac_jax_peft.kfac.layers import captured_layers
 from kfac_jax_peft.linen import intercept_dense
+from kfac_jax_peft.nnx_capture import KFACProbe, add_probes, intercept_nnx, nnx_value_and_grad
 from kfac_jax_peft.optimizers import kfac
 from kfac_jax_peft.train_state import KFACTrainState
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "add_probes",
     "ClipState",
     "FactorState",
     "KFACDense",
+    "KFACProbe",
     "KFACState",
     "KFACTrainState",
     "LayerState",
@@ -66,11 +70,13 @@ __all__ = [
     "clipped",
     "dense",
     "intercept_dense",
+    "intercept_nnx",
     "describe",
     "kfac",
     "kfac_precondition",
     "kfac_state",
     "multi_steps",
+    "nnx_value_and_grad",
     "kfac_value_and_grad",
     "layer_stats",
     "zeros_stats",

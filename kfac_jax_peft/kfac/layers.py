@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 InputGroups = Callable[[str], Any] | Sequence[tuple[str, str]]
 
@@ -58,10 +59,18 @@ def is_masked(x) -> bool:
     return isinstance(x, optax.MaskedNode)
 
 
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
 def flatten(tree) -> dict[str, Any]:
-    """``{path: leaf}``, masked leaves included as :data:`optax.MaskedNode`."""
-    return {path_str(p): x for p, x in
-            jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)[0]}
+    """``{path: leaf}``, masked leaves included as :data:`optax.MaskedNode`.
+    An NNX ``Variable`` (what ``nnx.Optimizer`` hands to ``init``) counts as
+    its value, at its own path (not ``.../value``), so that ``init`` and
+    ``update`` (which gets pure arrays) see the same paths."""
+    flat = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: is_masked(x) or _is_variable(x))[0]
+    return {path_str(p): (x.get_value() if _is_variable(x) else x) for p, x in flat}
 
 
 def default_layer_filter(path: str, leaf) -> bool:

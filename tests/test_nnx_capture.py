@@ -1,0 +1,104 @@
+"""Flax NNX: nnx.Linear and nnx.LoRA(Linear) record K-FAC statistics without
+being rewritten, and nnx.Optimizer trains with them."""
+
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import kfac_jax_peft as kp
+from kfac_jax_peft.kfac.layers import path_str
+
+EXAMPLE = pathlib.Path(__file__).parents[1] / "examples" / "nnx_lora.py"
+spec = importlib.util.spec_from_file_location("nnx_lora", EXAMPLE)
+ex = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ex)
+
+TRAINABLE = nnx.Any(nnx.LoRAParam, nnx.PathContains("head"))
+
+
+def _functional_stats(model, x, mask, y):
+    """The same model written with the library's functional capture (kp.dense)."""
+    p = {"q": model.query, "v": model.value}
+    w = {k: (m.kernel[...], m.bias[...], m.lora.lora_a[...], m.lora.lora_b[...])
+         for k, m in p.items()}
+    head = (model.head.kernel[...], model.head.bias[...])
+    probes = {k: {"lora_a": kp.zeros_stats(ex.WIDTH, ex.RANK, False),
+                  "lora_b": kp.zeros_stats(ex.RANK, ex.WIDTH, False)} for k in p}
+    probes["head"] = kp.zeros_stats(ex.WIDTH, ex.CLASSES, True)
+
+    def loss(lora, pr):
+        def proj(k, inp):
+            base, bias, _, _ = w[k]
+            h = kp.dense(inp, lora[k][0], probe=pr[k]["lora_a"], mask=mask)
+            return inp @ base + bias + kp.dense(h, lora[k][1], probe=pr[k]["lora_b"], mask=mask)
+
+        q, v = proj("q", x), proj("v", x)
+        scores = jnp.einsum("btd,bsd->bts", q, x) / ex.WIDTH**0.5
+        scores = jnp.where(mask[:, None, :] > 0, scores, -1e9)
+        h = x + jnp.einsum("bts,bsd->btd", jax.nn.softmax(scores, -1), v)
+        pooled = jnp.sum(h * mask[..., None], 1) / jnp.sum(mask, 1, keepdims=True)
+        logits = kp.dense(pooled, *head, probe=pr["head"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    lora = {k: (w[k][2], w[k][3]) for k in p}
+    return kp.kfac_value_and_grad(loss)(lora, probes)
+
+
+def test_statistics_equal_the_functional_capture():
+    model = ex.Encoder(nnx.Rngs(0))
+    # a nonzero B so that every statistic is nontrivial
+    for m in (model.query, model.value):
+        m.lora.lora_b[...] = 0.1 * jnp.ones_like(m.lora.lora_b[...])
+    probes = kp.add_probes(model, wrt=TRAINABLE)
+    assert sorted(path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        probes, is_leaf=lambda s: isinstance(s, kp.LayerStats))[0]) == [
+        "head/kernel", "query/lora/lora_a", "query/lora/lora_b", "value/lora/lora_a",
+        "value/lora/lora_b"]
+    x, mask, y = ex.make_data(8)
+    loss, grads, stats = kp.nnx_value_and_grad(ex.loss_fn, TRAINABLE)(model, x, mask, y)
+    ref_loss, ref_grads, ref = _functional_stats(model, x, mask, y)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    pairs = [(stats["head"]["kernel"], ref["head"])]
+    for k, name in (("query", "q"), ("value", "v")):
+        for part in ("lora_a", "lora_b"):
+            pairs.append((stats[k]["lora"][part], ref[name][part]))
+    for got, want in pairs:
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.abs(b).max()))
+    np.testing.assert_allclose(nnx.to_pure_dict(grads)["query"]["lora"]["lora_a"],
+                               ref_grads["q"][0], rtol=1e-5, atol=1e-7)
+
+
+def test_nnx_optimizer_trains_with_kfac_statistics():
+    model = ex.Encoder(nnx.Rngs(0))
+    probes = kp.add_probes(model, wrt=TRAINABLE)
+    tx = optax.chain(kp.kfac_precondition(1e-2, layer_filter=kp.captured_layers(probes),
+                                          strict=True),
+                     kp.clip_by_update_norm(1.0), optax.scale_by_learning_rate(0.1))
+    optimizer = nnx.Optimizer(model, tx, wrt=TRAINABLE)
+    grad_fn = kp.nnx_value_and_grad(ex.loss_fn, TRAINABLE)
+    x, mask, y = ex.make_data(16)
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads, stats = grad_fn(model, x, mask, y)
+        optimizer.update(model, grads, kfac_stats=stats)
+        return loss
+
+    losses = [float(step(model, optimizer)) for _ in range(3)]
+    state = kp.kfac_state(nnx.as_pure(optimizer.opt_state))
+    assert sorted(state.layers) == ["head/kernel", "query/lora/lora_a", "query/lora/lora_b",
+                                    "value/lora/lora_a", "value/lora/lora_b"]
+    assert all(bool(ls.has_curvature) for ls in state.layers.values())
+    assert int(state.num_inversions) == 3 and losses[-1] < losses[0]
+
+
+def test_example_runs():
+    sgd = ex.train(steps=5, use_kfac=False)
+    kfac = ex.train(steps=5, use_kfac=True)
+    assert len(sgd) == len(kfac) == 5 and all(np.isfinite(kfac))
