@@ -35,9 +35,12 @@ leading shape (the keys and values of a cross-attention over another
 sequence) is an error naming the layer, and needs ``mask`` as a function
 ``(module path, leading shape) -> mask or None``. ``select(path)`` (a
 ``/``-joined module path such as ``"MultiHeadDotProductAttention_0/query"``)
-chooses the layers; by default all. Not supported: ``DenseGeneral`` with ``batch_dims`` or with
-contracted axes that are not the trailing ones (an error names the layer),
-and ``nn.scan`` layer stacks.
+chooses the layers; by default all. Not supported: ``DenseGeneral`` with
+``batch_dims`` or with contracted axes that are not the trailing ones (an
+error names the layer).
+Inside ``nn.scan`` the probes need the stack axis like the parameters
+(``variable_axes={"params": 0, "kfac": 0}``); the stacked kernel is then
+one layer per step of the scan, each with its own pair of factors.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import contextlib
 import math
 from collections.abc import Callable
 
+import flax
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -100,8 +104,13 @@ def _interceptor(mask, select: Callable[[str], bool]):
         lead = x.shape[:x.ndim - n_in]
         d_in, d_out = math.prod(x.shape[len(lead):]), math.prod(y.shape[y.ndim - n_out:])
         if module.is_initializing():
-            module.variable("kfac", "kernel",
-                            lambda: zeros_stats(d_in, d_out, module.use_bias))
+            try:
+                module.variable("kfac", "kernel",
+                                lambda: zeros_stats(d_in, d_out, module.use_bias))
+            except flax.errors.ScopeCollectionNotFound as e:
+                raise ValueError(f"K-FAC capture: {_name(module)} runs inside a lifted "
+                                 "transformation (nn.scan, nn.vmap) that does not carry the "
+                                 "'kfac' collection: add 'kfac': 0 to its variable_axes") from e
             return y
         if not module.has_variable("kfac", "kernel"):
             return y

@@ -143,3 +143,109 @@ def test_a_mask_that_does_not_fit_is_named():
     with pytest.raises(ValueError, match="Dense_0 reads inputs of leading shape"):
         with kp.intercept_dense(mask=mask[:, :3]):
             model.apply(variables, x, mask)
+
+
+L = 3
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return h + jnp.tanh(nn.Dense(5, name="fc")(h)), None
+
+
+class Scanned(nn.Module):
+    """A layer stack as Flax users write it, the probes stacked like the params."""
+
+    @nn.compact
+    def __call__(self, x):
+        h, _ = nn.scan(Block, variable_axes={"params": 0, "kfac": 0},
+                       split_rngs={"params": True}, length=L)(name="layers")(x, None)
+        return nn.Dense(3, name="head")(h[:, 0])
+
+
+class Unrolled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = x
+        for i in range(L):
+            h, _ = Block(name=f"block{i}")(h, None)
+        return nn.Dense(3, name="head")(h[:, 0])
+
+
+def test_scan_stack_has_one_pair_of_factors_per_layer():
+    """nn.scan: each layer of the stacked kernel gets its own factors, equal to
+    those of the same model unrolled (whose 2-D layers are checked above)."""
+    x, mask, y = _data()
+    x = x[..., :5]
+    with kp.intercept_dense():
+        v = Scanned().init(jax.random.PRNGKey(2), x)
+    assert v["kfac"]["layers"]["fc"]["kernel"].A.shape == (L, 6, 6)
+    unrolled = {"head": v["params"]["head"]}
+    for i in range(L):
+        unrolled[f"block{i}"] = {"fc": jax.tree_util.tree_map(
+            lambda a, i=i: a[i], v["params"]["layers"]["fc"])}
+    with kp.intercept_dense():
+        probes_u = Unrolled().init(jax.random.PRNGKey(2), x)["kfac"]
+
+    def loss_fn(model):
+        def f(p, pr, x, mask, y):
+            with kp.intercept_dense(mask=mask):
+                return _loss(model.apply({"params": p, "kfac": pr}, x), y)
+        return kp.kfac_value_and_grad(f)
+
+    _, g_s, st_s = loss_fn(Scanned())(v["params"], v["kfac"], x, mask, y)
+    _, g_u, st_u = loss_fn(Unrolled())(unrolled, probes_u, x, mask, y)
+    tx_s = kp.kfac_precondition(1e-2, decay=0.0, layer_filter=kp.captured_layers(v["kfac"]))
+    tx_u = kp.kfac_precondition(1e-2, decay=0.0)
+    u_s, s_s = tx_s.update(g_s, tx_s.init(v["params"]), v["params"], kfac_stats=st_s)
+    u_u, s_u = tx_u.update(g_u, tx_u.init(unrolled), unrolled, kfac_stats=st_u)
+    assert sorted(s_s.layers) == ["head/kernel"] + [f"layers/fc/kernel[{i}]" for i in range(L)]
+    for i in range(L):
+        for part in ("A", "G"):
+            a = s_s.factors[f"layers/fc/kernel[{i}]/{part}"]
+            b = s_u.factors[f"block{i}/fc/kernel/{part}"]
+            np.testing.assert_allclose(a.average, b.average, rtol=1e-5,
+                                       atol=1e-6 * float(jnp.abs(b.average).max()))
+        for leaf in ("kernel", "bias"):
+            want = np.asarray(u_u[f"block{i}"]["fc"][leaf])
+            np.testing.assert_allclose(u_s["layers"]["fc"][leaf][i], want, rtol=1e-5,
+                                       atol=1e-5 * np.abs(want).max())
+
+
+def test_scan_without_the_kfac_axis_is_named():
+    class Bad(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                           length=L)(name="layers")(x, None)[0]
+
+    with pytest.raises(ValueError, match="add 'kfac': 0 to its variable_axes"):
+        with kp.intercept_dense():
+            Bad().init(jax.random.PRNGKey(0), jnp.ones((2, 3, 5)))
+
+
+def test_remat_blocks_give_the_same_statistics():
+    class Remat(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = x
+            for i in range(L):
+                h, _ = nn.remat(Block)(name=f"block{i}")(h, None)
+            return nn.Dense(3, name="head")(h[:, 0])
+
+    x, mask, y = _data()
+    x = x[..., :5]
+    out = []
+    for model in (Unrolled(), Remat()):
+        with kp.intercept_dense():
+            v = model.init(jax.random.PRNGKey(2), x)
+
+        def f(p, pr, x, mask, y, model=model):
+            with kp.intercept_dense(mask=mask):
+                return _loss(model.apply({"params": p, "kfac": pr}, x), y)
+
+        out.append(kp.kfac_value_and_grad(f)(v["params"], v["kfac"], x, mask, y)[2])
+    for a, b in zip(jax.tree_util.tree_leaves(out[0]), jax.tree_util.tree_leaves(out[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert len(jax.tree_util.tree_leaves(out[1])) == 4 * (L + 1)

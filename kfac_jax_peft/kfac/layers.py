@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -46,7 +47,30 @@ class LayerSpec(NamedTuple):
     g_key: str  # key of the output-gradient factor
     d_a: int
     d_g: int
-    in_ndim: int = 1  # leading kernel axes that are input axes
+    in_ndim: int = 1  # kernel axes (after the stack axes) that are input axes
+    index: tuple | None = None  # the layer's index in a stacked (nn.scan) kernel
+
+    @property
+    def name(self) -> str:
+        """The layer's key in the state: the kernel path, with ``[i]`` (the
+        flat index) for a layer of a stack."""
+        return self.kernel if self.index is None else f"{self.kernel}[{self.flat_index}]"
+
+    @property
+    def flat_index(self) -> int:
+        return int(np.ravel_multi_index(self.index, self.stack_shape)) if self.index else 0
+
+    stack_shape: tuple = ()
+
+
+class LayerView(NamedTuple):
+    """What ``layer_filter`` may return for a kernel of more than two axes:
+    ``stack`` leading axes of independent layers (an ``nn.scan`` stack: one
+    pair of factors per layer), then ``inputs`` input axes, then the output
+    axes."""
+
+    inputs: int = 1
+    stack: int = 0
 
 
 def path_str(path) -> str:
@@ -103,52 +127,58 @@ def _bias_path(kernel_path: str) -> str:
     return "/".join(kernel_path.split("/")[:-1] + ["bias"])
 
 
-def _check_leaf(path: str, leaf, in_ndim: int) -> None:
+def _check_leaf(path: str, leaf, view: LayerView) -> None:
     shape = tuple(getattr(leaf, "shape", ()))
-    if len(shape) < 2 or not 1 <= in_ndim < len(shape):
-        raise ValueError(f"layer_filter chose {path!r} of shape {shape} with {in_ndim} input "
-                         "axes: a K-FAC layer is a [d_in, d_out] kernel, or a kernel whose "
-                         "leading in_ndim axes are its inputs (return that number from "
-                         "layer_filter; a stacked nn.scan kernel is not supported)")
+    if view.inputs < 1 or view.stack < 0 or len(shape) < view.stack + view.inputs + 1:
+        raise ValueError(f"layer_filter chose {path!r} of shape {shape} with {view.inputs} input "
+                         f"axes and {view.stack} stack axes: a K-FAC layer is a [d_in, d_out] "
+                         "kernel, or a kernel with leading stack axes (nn.scan), then input "
+                         "axes, then output axes (return a LayerView from layer_filter)")
     if not jnp.issubdtype(leaf.dtype, jnp.floating):
         raise ValueError(f"layer_filter chose {path!r}, whose dtype {leaf.dtype} is not "
                          "floating: only floating parameters can be preconditioned")
 
 
-def _in_ndim(choice) -> int:
-    """``layer_filter``'s answer as a number of input axes (0: not a layer)."""
+def _view(choice) -> LayerView | None:
+    """``layer_filter``'s answer (True, a number of input axes, a
+    :class:`LayerView`) as a view; None: not a layer."""
+    if isinstance(choice, LayerView):
+        return choice
     if choice is True:
-        return 1
-    if choice is False or choice is None:
-        return 0
-    return int(choice)
+        return LayerView()
+    if choice is False or choice is None or int(choice) == 0:
+        return None
+    return LayerView(inputs=int(choice))
 
 
-def register(tree, layer_filter: Callable[[str, Any], bool | int],
+def register(tree, layer_filter: Callable[[str, Any], Any],
              groups: Callable[[str], str | None]) -> dict[str, LayerSpec]:
-    """The layers of a parameter (or update) tree, keyed by kernel path."""
+    """The layers of a parameter (or update) tree, keyed by :attr:`LayerSpec.name`."""
     flat = flatten(tree)
     found = {}
     for path, leaf in flat.items():
-        k = 0 if is_masked(leaf) else _in_ndim(layer_filter(path, leaf))
-        if not k:
+        view = None if is_masked(leaf) else _view(layer_filter(path, leaf))
+        if view is None:
             continue
-        _check_leaf(path, leaf, k)
+        _check_leaf(path, leaf, view)
+        stack, k = view.stack, view.stack + view.inputs
         bias = flat.get(_bias_path(path))
         has_bias = (bias is not None and not is_masked(bias)
-                    and tuple(bias.shape) == tuple(leaf.shape[k:]))
-        found[path] = (leaf, _bias_path(path) if has_bias else None, k)
+                    and tuple(bias.shape) == tuple(leaf.shape[:stack] + leaf.shape[k:]))
+        d_in, d_out = math.prod(leaf.shape[stack:k]), math.prod(leaf.shape[k:])
+        b = _bias_path(path) if has_bias else None
+        for index in (np.ndindex(*leaf.shape[:stack]) if stack else [None]):
+            spec = LayerSpec(path, b, "", "", d_in + int(has_bias), d_out, view.inputs, index,
+                             tuple(leaf.shape[:stack]))
+            found[spec.name] = spec
     members: dict[str, list[str]] = {}
-    for path in sorted(found):
-        key = groups(path)
+    for name in sorted(found):
+        key = groups(name)
         if key is not None:
-            members.setdefault(key, []).append(path)
+            members.setdefault(key, []).append(name)
     shared = {p: k for k, ps in members.items() if len(ps) > 1 for p in ps}
-    specs = {}
-    for path, (leaf, bias, k) in found.items():
-        d_in, d_out = math.prod(leaf.shape[:k]), math.prod(leaf.shape[k:])
-        specs[path] = LayerSpec(path, bias, shared.get(path, f"{path}/A"), f"{path}/G",
-                                d_in + int(bias is not None), d_out, k)
+    specs = {name: s._replace(a_key=shared.get(name, f"{name}/A"), g_key=f"{name}/G")
+             for name, s in found.items()}
     _check_keys(specs)
     return specs
 
@@ -160,12 +190,12 @@ def _check_keys(specs: Mapping[str, LayerSpec]) -> None:
         sizes.setdefault(s.a_key, set()).add(s.d_a)
     for key, ds in sizes.items():
         if len(ds) > 1:
-            members = {s.kernel: s.d_a for s in specs.values() if s.a_key == key}
+            members = {s.name: s.d_a for s in specs.values() if s.a_key == key}
             raise ValueError(f"input group {key!r} has layers with input factors of "
                              f"different sizes: {members}")
-    own = {k for s in specs.values() for k in (f"{s.kernel}/A", s.g_key)}
+    own = {k for s in specs.values() for k in (f"{s.name}/A", s.g_key)}
     for s in specs.values():
-        if s.a_key != f"{s.kernel}/A" and s.a_key in own:
+        if s.a_key != f"{s.name}/A" and s.a_key in own:
             raise ValueError(f"input group key {s.a_key!r} is also a layer's own factor key")
 
 
@@ -178,26 +208,29 @@ def factor_sizes(specs: Mapping[str, LayerSpec]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def captured_layers(probes) -> Callable[[str, Any], int]:
+def captured_layers(probes) -> Callable[[str, Any], LayerView]:
     """A ``layer_filter`` registering exactly the kernels that have a probe in
-    ``probes`` (the ``"kfac"`` collection a model created), with the number
-    of input axes that makes the kernel's matrix fit the probe's factor
-    sizes. A layer that records statistics is then never left out, and a
-    layer that does not is never registered."""
+    ``probes`` (the ``"kfac"`` collection a model created), with the
+    :class:`LayerView` that makes the kernel fit the probe: the probe's
+    leading axes are stack axes (``nn.scan``), then the input axes are those
+    whose size (plus a bias) is the probe's ``A``. A layer that records
+    statistics is then never left out, and a layer that does not is never
+    registered."""
     sizes = {}
     for p, s in jax.tree_util.tree_flatten_with_path(
             probes, is_leaf=lambda x: hasattr(x, "num_tokens"))[0]:
-        sizes[path_str(p)] = (s.A.shape[0], s.G.shape[0])
+        sizes[path_str(p)] = (s.A.shape[-1], s.G.shape[-1], s.A.ndim - 2)
 
-    def layer_filter(path, leaf) -> int:
+    def layer_filter(path, leaf) -> LayerView | None:
         if path not in sizes:
-            return 0
-        d_a, d_g = sizes[path]
+            return None
+        d_a, d_g, stack = sizes[path]
         shape = tuple(leaf.shape)
-        for k in range(1, len(shape)):
-            if math.prod(shape[k:]) == d_g and math.prod(shape[:k]) in (d_a, d_a - 1):
-                return k
-        raise ValueError(f"the probe of {path!r} (A {d_a}x{d_a}, G {d_g}x{d_g}) does not fit "
-                         f"its kernel of shape {shape}")
+        for k in range(1, len(shape) - stack):
+            if (math.prod(shape[stack + k:]) == d_g
+                    and math.prod(shape[stack:stack + k]) in (d_a, d_a - 1)):
+                return LayerView(inputs=k, stack=stack)
+        raise ValueError(f"the probe of {path!r} (A {d_a}x{d_a}, G {d_g}x{d_g}, {stack} stack "
+                         f"axes) does not fit its kernel of shape {shape}")
 
     return layer_filter

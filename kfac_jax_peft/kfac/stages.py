@@ -93,12 +93,17 @@ def init_layer(spec: LayerSpec, dtype, *, exact: bool, method: str) -> LayerStat
 
 
 def match_statistics(updates, specs: Mapping[str, LayerSpec], kfac_stats) -> dict:
-    """Check the statistics against the updates and layers; ``{kernel path: stats}``.
+    """Check the statistics against the updates and layers; ``{layer name: stats}``.
 
     Statistics of a leaf masked out of the updates (``optax.masked``) are
     ignored; anything else that does not fit is an error naming the leaf.
+    The statistics of a stacked kernel (``nn.scan``) carry the stack axes
+    and are split into its layers.
     """
     flat_u = flatten(updates)
+    by_kernel: dict = {}
+    for spec in specs.values():
+        by_kernel.setdefault(spec.kernel, []).append(spec)
     flat_s = jax.tree_util.tree_flatten_with_path(
         kfac_stats, is_leaf=lambda x: isinstance(x, LayerStats))[0]
     matched = {}
@@ -112,18 +117,21 @@ def match_statistics(updates, specs: Mapping[str, LayerSpec], kfac_stats) -> dic
                              f"updates tree (leaves: {sorted(flat_u)[:8]}...)")
         if is_masked(flat_u[path]):
             continue
-        if path not in specs:
+        if path not in by_kernel:
             shape = tuple(getattr(flat_u[path], "shape", ()))
             why = (f" (its shape {shape} is not 2-D)" if len(shape) != 2 else "")
             raise ValueError(f"statistics for {path!r}, which is not a registered "
                              f"K-FAC layer{why} (see layer_filter)")
-        spec = specs[path]
-        if s.A.shape != (spec.d_a, spec.d_a) or s.G.shape != (spec.d_g, spec.d_g):
-            raise ValueError(
-                f"shape mismatch for layer {path!r}: statistics A{tuple(s.A.shape)}, "
-                f"G{tuple(s.G.shape)} but the parameters need A{(spec.d_a, spec.d_a)}, "
-                f"G{(spec.d_g, spec.d_g)} (an extra row/column in A is the bias)")
-        matched[path] = s
+        for spec in by_kernel[path]:
+            stack = spec.stack_shape
+            want_a, want_g = stack + (spec.d_a, spec.d_a), stack + (spec.d_g, spec.d_g)
+            if s.A.shape != want_a or s.G.shape != want_g:
+                raise ValueError(
+                    f"shape mismatch for layer {path!r}: statistics A{tuple(s.A.shape)}, "
+                    f"G{tuple(s.G.shape)} but the parameters need A{want_a}, G{want_g} (an "
+                    "extra row/column in A is the bias; leading axes are an nn.scan stack)")
+            matched[spec.name] = (s if spec.index is None
+                                  else jax.tree_util.tree_map(lambda x: x[spec.index], s))
     return matched
 
 
@@ -269,7 +277,16 @@ def invert_layers(specs: Mapping[str, LayerSpec], factors: Mapping[str, FactorSt
 def _curvature(spec: LayerSpec, factors, layers, exact: bool):
     if exact:
         return I.Eigen(*factors[spec.a_key].eigen, *factors[spec.g_key].eigen)
-    return layers[spec.kernel].inverse
+    return layers[spec.name].inverse
+
+
+def layer_leaves(flat: Mapping, spec: LayerSpec):
+    """``(kernel, bias or None)`` of one layer from a flat tree (its slice of a stack)."""
+    w = flat[spec.kernel]
+    b = None if spec.bias is None else flat[spec.bias]
+    if spec.index is not None:
+        w, b = w[spec.index], (None if b is None else b[spec.index])
+    return w, b
 
 
 def precondition(updates, specs: Mapping[str, LayerSpec], factors: Mapping[str, FactorState],
@@ -278,17 +295,28 @@ def precondition(updates, specs: Mapping[str, LayerSpec], factors: Mapping[str, 
     Kronecker block (see :mod:`kfac_jax_peft.kfac.inverse`), in the
     factors' dtype, cast back to the gradient's; other leaves unchanged."""
     flat = flatten(updates)
-    new = {}
-    for path, spec in specs.items():
-        gw = flat[path]
-        gb = None if spec.bias is None else flat[spec.bias]
+    parts: dict = {}  # leaf path -> {index: new value}
+    for name, spec in specs.items():
+        gw, gb = layer_leaves(flat, spec)
         w2 = gw.reshape(-1, spec.d_g)  # [prod(in axes), prod(out axes)]
         v = w2 if gb is None else jnp.concatenate([w2, gb.reshape(1, -1).astype(gw.dtype)], 0)
         u = I.precondition(v, _curvature(spec, factors, layers, exact), damping)
-        u = jnp.where(layers[path].has_curvature, u, v.astype(u.dtype))
-        new[path] = u[:w2.shape[0]].reshape(gw.shape).astype(gw.dtype)
+        u = jnp.where(layers[name].has_curvature, u, v.astype(u.dtype))
+        parts.setdefault(spec.kernel, {})[spec.index] = u[:w2.shape[0]].reshape(gw.shape)
         if gb is not None:
-            new[spec.bias] = u[-1].reshape(gb.shape).astype(gb.dtype)
+            parts.setdefault(spec.bias, {})[spec.index] = u[-1].reshape(gb.shape)
+    new = {path: _assemble(pieces, flat[path]) for path, pieces in parts.items()}
     return jax.tree_util.tree_map_with_path(
         lambda p, x: new.get(jax.tree_util.keystr(tuple(p), simple=True, separator="/"), x),
         updates, is_leaf=is_masked)
+
+
+def _assemble(pieces: dict, like):
+    """A leaf from its preconditioned part (``{None: value}``) or from the
+    layers of its stack (``{index: value}``), in the leaf's dtype."""
+    if None in pieces:
+        return pieces[None].astype(like.dtype)
+    out = jnp.zeros(like.shape, like.dtype)
+    for index, value in pieces.items():
+        out = out.at[index].set(value.astype(like.dtype))
+    return out

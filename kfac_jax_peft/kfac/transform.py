@@ -94,6 +94,7 @@ in ``static_args``.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -247,7 +248,8 @@ def kfac_precondition(
 
     def update_fn(updates, state, params=None, *, kfac_stats=None, **extra_args):
         del params, extra_args
-        specs = register(updates, lambda p, x: p in state.layers and cfg.layer_filter(p, x),
+        kernels = {_kernel_of(name) for name in state.layers}
+        specs = register(updates, lambda p, x: cfg.layer_filter(p, x) if p in kernels else None,
                          cfg.groups)
         missing = sorted(set(state.layers) - set(specs))
         if missing:
@@ -269,10 +271,15 @@ def _concrete_ne(value, target) -> bool:
     return not isinstance(value, jax.core.Tracer) and int(value) != target
 
 
+def _kernel_of(name: str) -> str:
+    """The kernel path of a layer name (``path`` or ``path[i]`` in a stack)."""
+    return re.sub(r"\[\d+\]$", "", name)
+
+
 def _layer_grad_finite(updates, spec) -> jax.Array:
-    flat = flatten(updates)
-    ok = jnp.all(jnp.isfinite(flat[spec.kernel]))
-    return ok if spec.bias is None else ok & jnp.all(jnp.isfinite(flat[spec.bias]))
+    w, b = S.layer_leaves(flatten(updates), spec)
+    ok = jnp.all(jnp.isfinite(w))
+    return ok if b is None else ok & jnp.all(jnp.isfinite(b))
 
 
 def _complain(strict: bool, message: str) -> None:
