@@ -3,7 +3,7 @@
 NNX modules are Python objects, so their K-FAC probes are variables of
 their own type, :class:`KFACProbe`, attached to the layers of an existing
 model by :func:`add_probes` (no class is rewritten): ``kfac_kernel`` on an
-``nnx.Linear`` whose kernel trains, ``kfac_lora_a`` and ``kfac_lora_b`` on
+``nnx.Linear`` or ``nnx.LinearGeneral`` whose kernel trains, ``kfac_lora_a`` and ``kfac_lora_b`` on
 an ``nnx.LoRA`` (the adapter of ``nnx.LoRALinear`` too). Inside
 :func:`intercept_nnx` those layers route their outputs through the capture
 of :func:`kfac_jax_peft.dense` (``nnx.LoRA`` as its two matrices, ``x ->
@@ -24,13 +24,16 @@ describe, the paths ``nnx.Optimizer`` hands to optax::
     loss, grads, stats = kp.nnx_value_and_grad(loss_fn, nnx.LoRAParam)(model, x, mask, y)
     optimizer.update(model, grads, kfac_stats=stats)
 
-``mask`` follows :func:`kfac_jax_peft.intercept_dense`. ``nnx.LinearGeneral``
-and ``nnx.scan`` stacks are not captured.
+``nnx.LinearGeneral`` is captured as the matrix ``[prod(in_features),
+prod(out_features)]`` (contracting trailing axes, no ``batch_axis``).
+``mask`` follows :func:`kfac_jax_peft.intercept_dense`. NNX scan stacks
+are not captured.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import jax
 from flax import nnx
@@ -62,11 +65,23 @@ def add_probes(model: nnx.Module, wrt=nnx.Param) -> dict:
                 if _trains(path + (name,), getattr(module, name), wrt):
                     setattr(module, _PREFIX + name, KFACProbe(zeros_stats(*dims, False)))
                     _put(out, path + (name,), zeros_stats(*dims, False))
-        elif isinstance(module, nnx.Linear) and _trains(path + ("kernel",), module.kernel, wrt):
-            probe = zeros_stats(module.in_features, module.out_features, module.use_bias)
+        elif isinstance(module, nnx.Linear | nnx.LinearGeneral) \
+                and _trains(path + ("kernel",), module.kernel, wrt):
+            probe = zeros_stats(*_general_sizes(module), module.use_bias)
             module.kfac_kernel = KFACProbe(probe)
             _put(out, path + ("kernel",), probe)
     return out
+
+
+def _general_sizes(module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of an ``nnx.Linear`` or of an ``nnx.LinearGeneral``
+    as the matrix ``[prod(in_features), prod(out_features)]``."""
+    if isinstance(module, nnx.Linear):
+        return module.in_features, module.out_features
+    if module.batch_axis:
+        raise ValueError(f"K-FAC capture: nnx.LinearGeneral with batch_axis "
+                         f"{dict(module.batch_axis)} is not supported")
+    return math.prod(module.in_features), math.prod(module.out_features)
 
 
 def _put(tree: dict, path, value) -> None:
@@ -88,6 +103,7 @@ def _lead(x) -> tuple:
 def intercept_nnx(mask=None):
     """Capture the probed ``nnx.Linear`` and ``nnx.LoRA`` layers called inside."""
     linear_call, lora_call = nnx.Linear.__call__, nnx.LoRA.__call__
+    general_call = nnx.LinearGeneral.__call__
 
     def linear(self, x, *args, **kwargs):
         y = linear_call(self, x, *args, **kwargs)
@@ -108,11 +124,29 @@ def intercept_nnx(mask=None):
             out += self.base_module(x, **kwargs)
         return out
 
+    def general(self, x, *args, **kwargs):
+        y = general_call(self, x, *args, **kwargs)
+        probe = _probe(self, "kernel")
+        if probe is None:
+            return y
+        n_in = len(self.in_features)
+        axes = sorted(a % x.ndim for a in self.axis)
+        if axes != list(range(x.ndim - n_in, x.ndim)):
+            raise ValueError(f"K-FAC capture: nnx.LinearGeneral contracting axes {self.axis} "
+                             "that are not the trailing ones is not supported")
+        lead = tuple(x.shape[:x.ndim - n_in])
+        d_in, d_out = _general_sizes(self)
+        out = capture(y.reshape(lead + (d_out,)), x.reshape(lead + (d_in,)), probe,
+                      _mask_for(mask, "LinearGeneral", lead))
+        return out.reshape(y.shape)
+
     nnx.Linear.__call__, nnx.LoRA.__call__ = linear, lora
+    nnx.LinearGeneral.__call__ = general
     try:
         yield
     finally:
         nnx.Linear.__call__, nnx.LoRA.__call__ = linear_call, lora_call
+        nnx.LinearGeneral.__call__ = general_call
 
 
 def nnx_value_and_grad(loss_fn, wrt=nnx.Param):

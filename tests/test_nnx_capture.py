@@ -102,3 +102,43 @@ def test_example_runs():
     sgd = ex.train(steps=5, use_kfac=False)
     kfac = ex.train(steps=5, use_kfac=True)
     assert len(sgd) == len(kfac) == 5 and all(np.isfinite(kfac))
+
+
+def test_linear_general_is_the_flattened_matrix():
+    """nnx.LinearGeneral (4 -> (2, 3)) then (2, 3) -> 4 over two axes, with a
+    token mask: statistics equal kp.dense on the flattened kernels."""
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.LinearGeneral((4,), (2, 3), rngs=rngs)
+            self.down = nnx.LinearGeneral((2, 3), 4, axis=(-2, -1), rngs=rngs)
+
+        def __call__(self, x):
+            return self.down(jnp.tanh(self.up(x)))
+
+    model = Model(nnx.Rngs(0))
+    probes = kp.add_probes(model)
+    x = jax.random.normal(jax.random.key(1), (3, 5, 4))
+    mask = jnp.ones((3, 5)).at[0, 3:].set(0.0)
+
+    def loss_fn(model, x):
+        with kp.intercept_nnx(mask=mask):
+            return jnp.sum(model(x) ** 2 * mask[..., None]) / 3
+
+    _, _, stats = kp.nnx_value_and_grad(loss_fn)(model, x)
+    up, down = (model.up.kernel[...], model.up.bias[...]), (model.down.kernel[...],
+                                                             model.down.bias[...])
+
+    def ref_loss(w, pr):
+        h = kp.dense(x, w[0][0].reshape(4, 6), w[0][1].reshape(6), probe=pr["up"], mask=mask)
+        h = jnp.tanh(h.reshape(3, 5, 2, 3)).reshape(3, 5, 6)
+        out = kp.dense(h, w[1][0].reshape(6, 4), w[1][1], probe=pr["down"], mask=mask)
+        return jnp.sum(out**2 * mask[..., None]) / 3
+
+    ref = kp.kfac_value_and_grad(ref_loss)(
+        (up, down), {"up": kp.zeros_stats(4, 6, True), "down": kp.zeros_stats(6, 4, True)})[2]
+    for name in ("up", "down"):
+        for a, b in zip(stats[name]["kernel"], ref[name]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.abs(b).max()))
+    layer_filter = kp.captured_layers(probes)
+    assert layer_filter("up/kernel", model.up.kernel[...]).inputs == 1
+    assert layer_filter("down/kernel", model.down.kernel[...]).inputs == 2
