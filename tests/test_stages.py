@@ -256,3 +256,26 @@ def test_nonfinite_gradient_rejected_on_every_device_alike():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "REJECTED [1, 1]" in out.stdout, out.stdout
+
+
+@pytest.mark.float32
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_low_precision_parameters_keep_the_chain_state_finite(dtype):
+    """Parameters and gradients in float16/bfloat16/float32 whose squares
+    overflow the dtype (float16 above 256, as a sum): factors stay float32,
+    the state finite, the Newton-step clip bounds the step."""
+    params, probes, loss, X, Y = _problem()
+    params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+    _, grads, stats = kp.kfac_value_and_grad(loss)(
+        jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params), probes, X * 300, Y)
+    big = {"float16": 6e4, "bfloat16": 1e30, "float32": 1e30}[dtype]
+    grads = jax.tree_util.tree_map(lambda g: (g / jnp.max(jnp.abs(g)) * big).astype(dtype), grads)
+    tx = kp.kfac(0.1, damping=1e-3, weight_decay=0.0)
+    u, state = tx.update(grads, tx.init(params), params, kfac_stats=stats)
+    assert _finite(state) and _finite(u)
+    k = kp.kfac_state(state)
+    assert all(f.weight.dtype == jnp.float32 for f in k.factors.values())
+    assert all(x.dtype == jnp.dtype(dtype) for x in jax.tree_util.tree_leaves(u))
+    norm = float(jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                              for x in jax.tree_util.tree_leaves(u))))
+    assert norm <= 0.1 * (1 + 4 * float(jnp.finfo(dtype).eps))
