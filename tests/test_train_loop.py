@@ -159,3 +159,22 @@ def test_resume_drops_a_torn_last_log_line(folders, data, tmp_path):
     strip = lambda recs: [(r["kind"], r["step"], r.get("loss")) for r in recs
                           if r["kind"] in ("train", "eval", "summary")]
     assert strip(read_log(cfg.output_dir)) == strip(read_log(full.output_dir))
+
+
+def test_check_resume_reads_an_older_config_and_names_every_difference(tmp_path):
+    from kfac_jax_peft.finetune.checkpoint import check_resume
+
+    cfg = TrainConfig(output_dir=str(tmp_path), steps=10)
+    stored = cfg.to_dict()
+    del stored["share_input_factors"]  # written before that key existed: its default
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    assert check_resume(cfg) == {}
+    assert check_resume(cfg.replace(steps=20, progress=False)) == {"steps": [10, 20]}
+    with pytest.raises(ValueError) as err:
+        check_resume(cfg.replace(steps=20, seed=3, lora_targets=("query",)))
+    message = str(err.value)
+    assert "seed: 0 in the run, 3 now" in message
+    assert "lora_targets: ['query', 'value'] in the run, ['query'] now" in message
+    assert "  steps:" not in message  # the extension is allowed
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        check_resume(cfg.replace(output_dir=str(tmp_path / "elsewhere")))
