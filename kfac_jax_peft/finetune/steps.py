@@ -39,8 +39,6 @@ from kfac_jax_peft.finetune.config import PER_SAMPLE, TrainConfig
 from kfac_jax_peft.finetune.model import TaskModel
 from kfac_jax_peft.peft import merge_trainable
 
-STEP_KINDS = ("stats", "plain", "sample")
-
 
 class TrainState(NamedTuple):
     """Everything a training step changes, and nothing else: the step number
