@@ -72,7 +72,7 @@ def test_non_finite_parameters_are_never_checkpointed_evaluated_or_logged(
                steps=10, save_every=1, eval_every=1, log_every=5)
     with pytest.raises(FloatingPointError, match="is intact") as err:
         train(cfg, data=data)
-    intact = int(re.search(r"last checkpoint, step (\d+), is intact", str(err.value))[1])
+    intact = int(re.search(r"The last checkpoint, step (\d+), is intact", str(err.value))[1])
     step, ckpt = _latest_checkpoint(cfg.output_dir)
     assert step == intact
     assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(ckpt["state"]))
@@ -87,6 +87,12 @@ def test_non_finite_parameters_are_never_checkpointed_evaluated_or_logged(
     with pytest.raises(FloatingPointError, match=f"step {intact}, is intact"):
         train(cfg, data=data, resume=True)
     assert _latest_checkpoint(cfg.output_dir)[0] == intact
+    # before the first checkpoint: nothing is saved, and the message says so
+    early = cfg.replace(output_dir=str(tmp_path / "early"), save_every=5, eval_every=5,
+                        log_every=1)
+    with pytest.raises(FloatingPointError, match="No checkpoint was written"):
+        train(early, data=data)
+    assert not list(pathlib.Path(early.output_dir, "checkpoints").iterdir())
 
 
 def _snapshot(run_dir) -> dict[str, bytes]:

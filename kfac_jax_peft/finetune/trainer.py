@@ -299,10 +299,11 @@ def _log_train(run: _Run, state: TrainState, window: list, diag: dict, done: int
 def _stop(run: _Run, done: int, what: str) -> None:
     """Stop a run whose state is not finite, saying what is intact."""
     latest = run.checkpoints.latest_step()
-    kept = ("no checkpoint was written" if latest is None
-            else f"the last checkpoint, step {latest}, is intact")
-    message = (f"{what} at step {done}; lower the learning rate or raise the damping "
-               f"({kept})")
+    kept = ("No checkpoint was written." if latest is None
+            else f"The last checkpoint, step {latest}, is intact.")
+    # a resumed run repeats the same steps (and refuses another configuration)
+    message = (f"{what} at step {done}; lower the learning rate or raise the damping, "
+               f"in a new run. {kept}")
     run.log.write("error", step=done, message=message)
     run.log.close()
     run.checkpoints.close()
