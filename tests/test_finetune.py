@@ -183,8 +183,12 @@ def test_compare_table_and_plot(folders, tmp_path):
 
 def test_two_devices_match_one_device(folders):
     model, data = folders
+    # the child imports the package under test, not another installed copy
+    root = str(pathlib.Path(__file__).parent.parent)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
+               JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+                   [root] + os.environ.get("PYTHONPATH", "").split(os.pathsep)).rstrip(
+                       os.pathsep))
     out = subprocess.run([sys.executable, str(SCRIPT), model, data], env=env,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -4,13 +4,13 @@ loop, logs and plots."""
 from kfac_jax_peft.finetune.config import ARMS, TrainConfig, from_mapping, load_config
 from kfac_jax_peft.finetune.logs import MetricsLog, read_log
 from kfac_jax_peft.finetune.optim import build_optimizer, learning_rate_schedule
+from kfac_jax_peft.finetune.steps import Fixed, TrainState, make_steps
 from kfac_jax_peft.finetune.trainer import (
     Data,
     RunResult,
     enable_compilation_cache,
     evaluate,
     load_data,
-    make_steps,
     steps_to_reach,
     train,
 )
@@ -18,9 +18,11 @@ from kfac_jax_peft.finetune.trainer import (
 __all__ = [
     "ARMS",
     "Data",
+    "Fixed",
     "MetricsLog",
     "RunResult",
     "TrainConfig",
+    "TrainState",
     "build_optimizer",
     "enable_compilation_cache",
     "evaluate",

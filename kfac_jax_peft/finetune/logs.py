@@ -1,19 +1,29 @@
 """The metrics log of a run: one JSON object per line, TensorBoard too if installed.
 
 Records have a ``"kind"``: ``"train"`` (``step``, ``loss``, ``lr``,
-``clip_rate``, ``update_norm``, ``wall_clock``: seconds of training so far,
-evaluation and checkpointing excluded), ``"eval"`` (``step``, ``split``,
-``wall_clock`` and the task's metrics) and ``"summary"``. Each line is
-flushed as written, so an interrupted run keeps everything it logged.
+``clip_rate``, ``update_norm``, ``wall_clock``: seconds of training so far
+as a :class:`Stopwatch` counts them, compilation, evaluation, diagnostics
+and checkpointing excluded), ``"eval"`` (``step``, ``split``,
+``wall_clock`` and the task's metrics), ``"summary"``, and the loop's
+``"start"``, ``"compile"``, ``"resume"`` and ``"error"`` records. Each line
+is flushed as written, so an interrupted run keeps everything it logged;
+a process killed in the middle of a write leaves a *torn* last line, which
+resuming drops (with a warning) together with the records written after
+the checkpoint it resumes from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Iterable
+import time
+import warnings
+from collections.abc import Iterable, Iterator
 from typing import Any
+
+import jax
 
 LOG_NAME = "metrics.jsonl"
 
@@ -27,9 +37,9 @@ def _clean(value: Any) -> Any:
 class MetricsLog:
     """Appends records to ``<run_dir>/metrics.jsonl``.
 
-    ``resume_step``: when resuming, records after that step (written by the
-    interrupted run after its last checkpoint) are dropped first, so that
-    the log of a resumed run reads like one uninterrupted run.
+    ``resume_step``: when resuming, the log is first cut back to what the
+    run had logged when it reached that step (see :func:`resume_records`),
+    so that the log of a resumed run reads like one uninterrupted run.
     """
 
     def __init__(self, run_dir: str, *, resume_step: int | None = None,
@@ -39,12 +49,11 @@ class MetricsLog:
         if resume_step is None:
             open(self.path, "w").close()
         else:
-            kept = [r for r in read_log(self.path, missing_ok=True)
-                    if r.get("kind") != "summary" and r.get("step", 0) <= resume_step]
+            kept = resume_records(self.path, resume_step)
             tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(tmp, self.path)
+            os.replace(tmp, self.path)  # atomic: a kill now leaves the old or the new log
         self._file = open(self.path, "a")
         self._tb = _tensorboard_writer(run_dir) if tensorboard else None
 
@@ -64,6 +73,31 @@ class MetricsLog:
             self._tb.close()
 
 
+class Stopwatch:
+    """Seconds of training. It runs except inside :meth:`paused`, which first
+    waits for the device to finish the work already dispatched, so that
+    asynchronous dispatch moves no training time into a pause."""
+
+    def __init__(self, total: float = 0.0):
+        self.total = total
+        self._since: float | None = None
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def read(self) -> float:
+        return self.total + (0.0 if self._since is None else time.perf_counter() - self._since)
+
+    @contextlib.contextmanager
+    def paused(self, pending: Any = None) -> Iterator[None]:
+        jax.block_until_ready(pending)
+        self.total, self._since = self.read(), None
+        try:
+            yield
+        finally:
+            self.start()
+
+
 def _tensorboard_writer(run_dir: str):
     """A TensorBoard ``SummaryWriter`` when ``tensorboardX`` or
     ``torch.utils.tensorboard`` (with ``tensorboard``) is installed."""
@@ -79,22 +113,50 @@ def _tensorboard_writer(run_dir: str):
 def read_log(path: str, *, missing_ok: bool = False) -> list[dict[str, Any]]:
     """The records of a metrics log (a run folder or the file itself).
     A malformed line is an error naming the file and line."""
+    return _read(path, missing_ok=missing_ok, torn_ok=False)[0]
+
+
+def resume_records(path: str, step: int) -> list[dict[str, Any]]:
+    """The records a run had logged when it reached ``step``: the log at
+    ``path`` without the records of later steps (written after the
+    checkpoint being resumed from), without the end-of-run records (the
+    test evaluation and the summary: they are written again when the run
+    ends), and without a torn last line. Dropping a torn line or records of
+    later steps is reported with a warning."""
+    records, torn = _read(path, missing_ok=True, torn_ok=True)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    later = len(records) - len(kept)
+    kept = [r for r in kept if r.get("kind") != "summary"
+            and not (r.get("kind") == "eval" and r.get("split") == "test")]
+    if torn or later:
+        what = [f"a torn last line ({torn[:40]!r}...)"] if torn else []
+        what += [f"{later} record(s) of steps after {step}"] if later else []
+        warnings.warn(f"{path}: resuming from step {step}, dropped {' and '.join(what)}",
+                      stacklevel=3)
+    return kept
+
+
+def _read(path: str, *, missing_ok: bool, torn_ok: bool
+          ) -> tuple[list[dict[str, Any]], str | None]:
+    """``(records, torn last line or None)``; a malformed line is an error
+    naming the file and line, except the last one when ``torn_ok``."""
     if os.path.isdir(path):
         path = os.path.join(path, LOG_NAME)
     if not os.path.exists(path):
         if missing_ok:
-            return []
+            return [], None
         raise FileNotFoundError(f"no metrics log at {path!r}")
-    records = []
     with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: malformed log line: {e}") from e
-    return records
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for i, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if torn_ok and i == lines[-1][0]:  # a write cut short by a kill
+                return records, line
+            raise ValueError(f"{path}:{i}: malformed log line: {e}") from e
+    return records, None
 
 
 def select(records: Iterable[dict], kind: str, split: str | None = None) -> list[dict]:

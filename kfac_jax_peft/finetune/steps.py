@@ -1,0 +1,210 @@
+"""The pure step functions of a run, over one :class:`TrainState`.
+
+A training step is ``train_step(state, fixed, batch) -> (state, loss)``
+whatever the optimizer; what differs between optimizers is which of the
+*kinds* the host runs at a step (:func:`step_kind`), each compiled once:
+
+* ``"stats"``: K-FAC statistics captured in the backward pass and passed to
+  the chain (``kfac_stats=``); the transformation folds them into its
+  factors and re-inverts when ``invert_every`` statistics calls have passed;
+* ``"plain"``: gradients only (any optax chain; K-FAC uses its stored
+  inverse), the step of every step that is not a statistics step;
+* ``"sample"``: the exact Fisher-family updates (EF, iEF, SF) fed with
+  per-sample gradients; deterministic (no dropout), one device.
+
+``eval_step(trainable, fixed, batch)`` returns predictions, and
+``diagnose(state, fixed, batch)`` the gamma indicator and gradient-norm
+imbalance of the direction the chain would take (nothing is updated).
+
+Determinism: the dropout key of a step is ``fold_in(state.rng,
+state.step)``, with ``state.rng = PRNGKey(seed)`` for the whole run, so it
+depends only on the seed and the step number. With ``axis_name`` (a
+``pmap`` axis) each device folds in its index too (different dropout masks
+on different shards), the loss and gradients are averaged over the axis and
+the K-FAC transformation sums its statistics over it, so the update equals
+the one-device update on the global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kfac_jax_peft.capture import kfac_value_and_grad
+from kfac_jax_peft.finetune.config import PER_SAMPLE, TrainConfig
+from kfac_jax_peft.finetune.model import TaskModel
+from kfac_jax_peft.peft import merge_trainable
+
+
+class TrainState(NamedTuple):
+    """Everything a training step changes, and nothing else: the step number
+    (``int32``), the trainable parameters, the optimizer state, and the run's
+    base PRNG key (constant; each step folds its number in)."""
+
+    step: jax.Array
+    trainable: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+class Fixed(NamedTuple):
+    """What the steps read and never change: the frozen parameters, and the
+    K-FAC probes (``None`` when no step captures statistics)."""
+
+    frozen: Any
+    probes: Any = None
+
+
+class Steps(NamedTuple):
+    """The un-jitted step functions of a run (see the module docstring):
+    ``train[kind](state, fixed, batch) -> (state, loss)`` for each kind the
+    optimizer uses, ``eval(trainable, fixed, batch) -> predictions``,
+    ``diagnose(state, fixed, batch) -> (gamma, imbalance)``."""
+
+    train: Mapping[str, Callable]
+    eval: Callable
+    diagnose: Callable
+
+
+def init_state(trainable, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable),
+                      jax.random.PRNGKey(seed))
+
+
+def step_kinds(cfg: TrainConfig, uses_stats: bool) -> tuple[str, ...]:
+    """The kinds of training step a run of ``cfg`` uses."""
+    if cfg.optimizer in PER_SAMPLE:
+        return ("sample",)
+    return ("plain", "stats") if uses_stats else ("plain",)
+
+
+def step_kind(cfg: TrainConfig, step: int, uses_stats: bool) -> str:
+    """The kind of training step number ``step`` (0-based); a host-side
+    choice, so that each kind is its own compiled trace."""
+    if cfg.optimizer in PER_SAMPLE:
+        return "sample"
+    return "stats" if uses_stats and step % cfg.stats_interval == 0 else "plain"
+
+
+def all_finite(tree) -> jax.Array:
+    """One boolean: every element of every leaf of ``tree`` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
+               axis_name: str | None = None, per_sample: str | None = None,
+               num_samples: int = 1) -> Steps:
+    """The step functions of a run, un-jitted. ``per_sample`` (``"ef" |
+    "ief" | "sf"``) adds the ``"sample"`` kind; ``num_samples`` is SF's
+    number of sampled labels per example."""
+    def loss_fn(trainable, frozen, probes, batch, rng):
+        logits = model.logits(merge_trainable(trainable, frozen), probes, batch, rng)
+        return model.loss(logits, batch)
+
+    grad_stats = kfac_value_and_grad(
+        lambda tr, probes, frozen, batch, rng: loss_fn(tr, frozen, probes, batch, rng))
+    per_sample_fn = _per_sample_fn(model, num_samples)
+
+    def step_rng(state):
+        return _step_rng(state, axis_name)
+
+    def apply(state, loss, grads, **extra):
+        if axis_name is not None:
+            loss, grads = jax.lax.pmean((loss, grads), axis_name)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable, **extra)
+        trainable = optax.apply_updates(state.trainable, updates)
+        return state._replace(step=state.step + 1, trainable=trainable,
+                              opt_state=opt_state), loss
+
+    def stats_step(state, fixed, batch):
+        loss, grads, stats = grad_stats(state.trainable, fixed.probes, fixed.frozen, batch,
+                                        step_rng(state))
+        return apply(state, loss, grads, kfac_stats=stats)
+
+    def plain_step(state, fixed, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(state.trainable, fixed.frozen, None, batch,
+                                                  step_rng(state))
+        return apply(state, loss, grads)
+
+    def sample_step(state, fixed, batch):
+        loss, grads, extras = per_sample_fn(per_sample)(state.trainable, fixed.frozen, batch,
+                                                        rng=step_rng(state))
+        return apply(state, loss, grads, **extras)
+
+    def eval_step(trainable, fixed, batch):
+        logits = model.logits(merge_trainable(trainable, fixed.frozen), None, batch, None)
+        return model.predictions(logits)
+
+    train = {"stats": stats_step, "plain": plain_step}
+    if per_sample:
+        train = {"sample": sample_step}
+    return Steps(train, eval_step, _make_diagnose(model, tx, per_sample, per_sample_fn))
+
+
+def _step_rng(state: TrainState, axis_name: str | None) -> jax.Array:
+    rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name is None:
+        return rng
+    return jax.random.fold_in(rng, jax.lax.axis_index(axis_name))  # masks differ per shard
+
+
+def _make_diagnose(model: TaskModel, tx: optax.GradientTransformation,
+                   per_sample: str | None, per_sample_fn: Callable) -> Callable:
+    """``diagnose(state, fixed, batch) -> (gamma, imbalance)``: the gamma
+    indicator of the direction the chain would take on ``batch``, relative
+    to SGD's (:mod:`kfac_jax_peft.fisher`; the curvature is the Gauss-Newton
+    matrix of the training loss, i.e. the Fisher for cross-entropy), and the
+    ratio of the largest to the smallest per-sample gradient norm."""
+    from kfac_jax_peft import fisher
+
+    def diagnose(state, fixed, batch):
+        args = (state.trainable, fixed.frozen, batch)
+        _, grads, extras = per_sample_fn("ief" if per_sample == "ief" else "ef")(*args)
+        if per_sample == "sf":
+            step_extras = per_sample_fn("sf")(*args, rng=_step_rng(state, None))[2]
+        else:
+            step_extras = extras if per_sample else {}
+        direction, _ = tx.update(grads, state.opt_state, state.trainable, **step_extras)
+        fvp = fisher.fisher_vector_product(_model_fn(model), *args,
+                                           loss_fn=_example_loss(model))
+        return (fisher.gamma_relative_to_sgd(direction, grads, fvp),
+                fisher.gradient_norm_imbalance(extras["per_sample_grads"]))
+
+    return diagnose
+
+
+# per-example forms for kfac_jax_peft.fisher (the frozen weights broadcast)
+
+
+def _model_fn(model: TaskModel) -> Callable:
+    def model_fn(trainable, frozen, batch):
+        return model.logits(merge_trainable(trainable, frozen), None, batch, None)
+
+    return model_fn
+
+
+def _example_loss(model: TaskModel) -> Callable:
+    def example_loss(outputs, frozen, batch):
+        del frozen
+        return model.per_example_loss(outputs, batch["labels"]) * batch["valid"]
+
+    return example_loss
+
+
+def _per_sample_fn(model: TaskModel, num_samples: int) -> Callable[[str], Callable]:
+    from kfac_jax_peft import fisher
+
+    likelihood = "gaussian" if model.spec.kind == "regression" else "categorical"
+
+    def make(kind: str) -> Callable:
+        return fisher.per_sample_value_and_grad(_model_fn(model), _example_loss(model),
+                                                kind=kind, num_samples=num_samples,
+                                                likelihood=likelihood, in_axes=(None, 0))
+
+    return make
