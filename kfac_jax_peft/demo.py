@@ -20,6 +20,7 @@ import optax
 from kfac_jax_peft import toy
 from kfac_jax_peft.capture import kfac_value_and_grad
 from kfac_jax_peft.clipping import clipped
+from kfac_jax_peft.curves import smooth, steps_to_reach
 from kfac_jax_peft.kfac.transform import kfac_precondition
 from kfac_jax_peft.peft import merge_trainable, split_trainable
 
@@ -103,22 +104,6 @@ def train(rc: RunConfig, cfg: toy.ToyConfig | None = None, data=None, seed: int 
     return np.asarray(jax.device_get(losses), np.float64), dt, trainable
 
 
-def smooth(x: np.ndarray, window: int = 10) -> np.ndarray:
-    """Trailing moving average (the curves compared are noisy mini-batch losses)."""
-    c = np.cumsum(np.insert(x, 0, 0.0))
-    out = np.empty_like(x)
-    for i in range(len(x)):
-        lo = max(0, i + 1 - window)
-        out[i] = (c[i + 1] - c[lo]) / (i + 1 - lo)
-    return out
-
-
-def steps_to_reach(losses: np.ndarray, target: float, window: int = 10) -> int | None:
-    """First step whose smoothed loss is at most ``target`` (None if never)."""
-    hit = np.nonzero(smooth(losses, window) <= target)[0]
-    return int(hit[0]) + 1 if hit.size else None
-
-
 # Tuned on the built-in task (200 steps): AdamW over lr {3e-3, 1e-2, 3e-2};
 # K-FAC + Newton-step clip over lr {0.1, 0.3, 1}, damping {1e-3, 1e-2, 1e-1},
 # max norm {0.3, 1, 3}. The no-clip and pre-clip arms reuse K-FAC's values,
@@ -145,7 +130,8 @@ def compare(steps: int = 200, arms=None, seed: int = 0) -> list[dict]:
     rows = []
     for name, (losses, dt, _) in runs.items():
         rows.append({"arm": name, "final_loss": float(smooth(losses)[-1]),
-                     "steps_to_ref": steps_to_reach(losses, target),
+                     "steps_to_ref": steps_to_reach(np.arange(1, len(losses) + 1), losses,
+                                                    target, window=10),
                      "ms_per_step": 1e3 * dt,
                      "time_ratio": dt / runs[ref][1],
                      "losses": losses})

@@ -197,14 +197,19 @@ def _example_loss(model: TaskModel) -> Callable:
     return example_loss
 
 
+#: The pipeline's exact-Fisher optimizers and the Fisher type each preconditions with.
+FISHER_TYPE_OF = {"ef": "empirical", "ief": "ief", "sf": "sampled"}
+
+
 def _per_sample_fn(model: TaskModel, num_samples: int) -> Callable[[str], Callable]:
     from kfac_jax_peft import fisher
 
     likelihood = "gaussian" if model.spec.kind == "regression" else "categorical"
 
-    def make(kind: str) -> Callable:
+    def make(optimizer: str) -> Callable:
         return fisher.per_sample_value_and_grad(_model_fn(model), _example_loss(model),
-                                                kind=kind, num_samples=num_samples,
+                                                fisher_type=FISHER_TYPE_OF[optimizer],
+                                                num_samples=num_samples,
                                                 likelihood=likelihood, in_axes=(None, 0))
 
     return make

@@ -53,6 +53,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from kfac_jax_peft import curves
 from kfac_jax_peft import data as D
 from kfac_jax_peft.clipping import clip_stats
 from kfac_jax_peft.finetune import checkpoint as C
@@ -397,11 +398,11 @@ def _progress(cfg: TrainConfig, start: int, end: int):
 
 
 def steps_to_reach(records: list[dict], target: float) -> int | None:
-    """The first logged step whose training loss is at most ``target``."""
-    for r in records:
-        if r.get("kind") == "train" and r["loss"] <= target:
-            return int(r["step"])
-    return None
+    """The first logged step whose training loss (a logging window's mean) is
+    at most ``target``: :func:`kfac_jax_peft.curves.steps_to_reach` on the
+    ``train`` records."""
+    train = [r for r in records if r.get("kind") == "train"]
+    return curves.steps_to_reach([r["step"] for r in train], [r["loss"] for r in train], target)
 
 
 __all__ = ["Data", "RunResult", "Stopwatch", "enable_compilation_cache", "evaluate",
