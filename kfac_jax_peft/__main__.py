@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     # Python hides DeprecationWarnings outside __main__; a renamed flag or
     # key must still be seen by the user who wrote it.
     warnings.filterwarnings("default", category=DeprecationWarning,
-                            message=r"(key|flag|attribute) .* is deprecated; use")
+                            message=r"(key|flag) .* is deprecated; use")
     from kfac_jax_peft.finetune.config import ConfigError
 
     parser = _parser()

@@ -232,6 +232,8 @@ CLI_CASES = [
     (["plot", "/no/such/run"], "/no/such/run"),
     (["compare", "--arm-overrides", "{bad"], "--arm-overrides"),
     (["compare", "--arm-overrides", '["adamw"]'], "--arm-overrides"),
+    (["compare", "--arms"], "--arms"),
+    (["plot", "a", "b", "--labels", "x"], "'a'"),  # no such run folders
 ]
 
 
@@ -255,6 +257,8 @@ CLI_MODEL_CASES = [
      "learning_rate"),
     (["--arm-overrides", '{"adamW": {"learning_rate": 1e-3}}', "--arms", "adamw"],
      "adamW"),
+    (["--seeds", "0", "0", "--arms", "adamw"], "--seeds"),
+    (["--arms", "adamw", "adamw"], "--arms"),
 ]
 
 
@@ -268,6 +272,46 @@ def test_cli_refuses_in_one_line_with_a_model(extra, named, folders, tmp_path, c
             str(tmp_path / "run"), "--max-length", "32", "--batch-size", "8", "--steps", "2",
             "--no-progress", "--no-precompile"]
     assert named in _run_cli([command, *base, *extra], capsys)
+
+
+def _fake_checkpoint(folder: pathlib.Path, **config) -> str:
+    """A folder that passes the file checks without weights worth loading."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "vocab.txt").write_text("[PAD]\n")
+    return str(folder)
+
+
+# (how to set up the files, argv, text named); no model is loaded
+CLI_FILE_CASES = [
+    (lambda t: _fake_checkpoint(t / "m", model_type="gpt2"),
+     ["--model", "{tmp}/m"], "gpt2"),
+    (lambda t: _fake_checkpoint(t / "m", model_type="roberta", max_position_embeddings=514,
+                                pad_token_id=1),
+     ["--model", "{tmp}/m", "--max-length", "513"], "512"),
+    (lambda t: _fake_checkpoint(t / "m", model_type="t5"),
+     ["--model", "{tmp}/m", "--task", "copa"], "--task"),
+    (lambda t: (t / "m" / "config.json").unlink(), ["--model", "{tmp}/m"], "config.json"),
+    (lambda t: (t / "m" / "vocab.txt").unlink(), ["--model", "{tmp}/m"], "vocabulary"),
+    (lambda t: (t / "m" / "model.safetensors").unlink(), ["--model", "{tmp}/m"],
+     "model.safetensors"),
+    (lambda t: (t / "out").write_text("a file"),
+     ["--model", "{tmp}/m", "--output-dir", "{tmp}/out"], "--output-dir"),
+    (lambda t: (t / "run" / "checkpoints" / "4").mkdir(parents=True),  # a fresh run never
+     ["--model", "{tmp}/m", "--output-dir", "{tmp}/run"], "--resume"),  # overwrites one
+    (lambda t: (t / "data").write_text("a file"),
+     ["--model", "{tmp}/m", "--data-dir", "{tmp}/data"], "data"),
+]
+
+
+@pytest.mark.parametrize("setup,extra,named", CLI_FILE_CASES,
+                         ids=[f"{i}-{n}" for i, (_, _, n) in enumerate(CLI_FILE_CASES)])
+def test_cli_refuses_bad_files_in_one_line(setup, extra, named, tmp_path, capsys):
+    _fake_checkpoint(tmp_path / "m", model_type="bert", max_position_embeddings=512)
+    setup(tmp_path)
+    argv = ["train", *[a.format(tmp=tmp_path) for a in extra]]
+    assert named in _run_cli(argv, capsys)
 
 
 def test_cli_names_the_key_and_file_of_a_config_value(tmp_path, capsys):
@@ -345,6 +389,14 @@ DATA_CASES = [
     (b"index\tpremise\thypothesis\tlabel\n0\ta\tb\t0\n", "missing text column"),
     (b"0\ta\tb\t0\n", "missing header"),
 ]
+
+
+def test_cr_only_jsonl_is_named(tmp_path):
+    row = json.dumps({"premise": "p", "hypothesis": "h", "label": "neutral"})
+    (tmp_path / "train.jsonl").write_text(f"{row}\r{row}\r", newline="")
+    (tmp_path / "val.jsonl").write_text(f"{row}\n")
+    with pytest.raises(DataError, match=r"train\.jsonl, line 1: carriage return"):
+        load_raw("cb", tmp_path)
 
 
 @pytest.mark.parametrize("train,named", DATA_CASES, ids=[n for _, n in DATA_CASES])

@@ -214,15 +214,18 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def _warn_renamed(kind: str, old: str, new: str) -> None:
-    warnings.warn(f"{kind} {old!r} is deprecated; use {new!r} (the old name is read until "
-                  "the next release)", DeprecationWarning, stacklevel=3)
+def _warn_renamed(kind: str, old: str, new: str, source: str = "") -> None:
+    where = f" in {source}" if source else ""
+    warnings.warn(f"{kind} {old!r}{where} is deprecated; use {new!r} (the old name is read "
+                  "until the next release)", DeprecationWarning, stacklevel=3)
 
 
-def rename_deprecated(d: Mapping[str, Any], kind: str = "key") -> dict[str, Any]:
+def rename_deprecated(d: Mapping[str, Any], kind: str = "key",
+                      source: str = "") -> dict[str, Any]:
     """``d`` with deprecated keys (:data:`RENAMED`) under their new names,
     warning once per old key (``kind`` says how the warning names it:
-    ``"key"``, ``"flag"``). Both names at once is an error."""
+    ``"key"``, ``"flag"``; ``source`` where it was read). Both names at once
+    is an error."""
     out = dict(d)
     for old, new in RENAMED.items():
         if old in out:
@@ -230,7 +233,7 @@ def rename_deprecated(d: Mapping[str, Any], kind: str = "key") -> dict[str, Any]
                 raise ConfigError(new, f"is given twice, also under its deprecated name {old!r}")
             shown = ("--" + old.replace("_", "-"), "--" + new.replace("_", "-")) \
                 if kind == "flag" else (old, new)
-            _warn_renamed(kind, *shown)
+            _warn_renamed(kind, *shown, source)
             out[new] = out.pop(old)
     return out
 
@@ -427,7 +430,7 @@ def load_config(path: str) -> dict[str, Any]:
             raise ConfigError("config", f"file {path!r}: keys {beside} sit beside the [train] "
                               "table and would be ignored; move them into it")
         d = d["train"]
-    d = rename_deprecated(d, "key")
+    d = rename_deprecated(d, "key", path)
     unknown = sorted(set(d) - set(FIELDS))
     if unknown:
         raise ConfigError("config", f"file {path!r}: unknown key(s) {unknown}; known keys: "
