@@ -570,3 +570,32 @@ def test_interrupted_compare_continues(folders, tmp_path, capsys):
     with pytest.raises(ConfigError, match="learning_rate"):
         compare(base.replace(learning_rate=0.2), ["adamw"], [0], plot=False)
     assert os.path.exists(run.output_dir)
+
+
+def test_compare_reads_back_a_run_stored_under_the_old_key_names(folders, tmp_path):
+    from kfac_jax_peft.finetune.compare import arm_config, compare
+
+    model, data = folders
+    base = TrainConfig(task="RTE", model=model, data_dir=data, output_dir=str(tmp_path),
+                       max_length=32, batch_size=8, steps=4, progress=False)
+    run = arm_config(base, "adamw").replace(seed=0, output_dir=str(tmp_path / "adamw" /
+                                                                   "seed0"))
+    stored = run.to_dict()
+    stored["save_every"] = stored.pop("checkpoint_every")
+    stored["fisher_damping_mode"] = stored.pop("fisher_damping_scale")
+    stored["task"] = "RTE"  # as given, before task names were normalised
+    del stored["log_gamma"]  # a key added since: its default
+    folder = pathlib.Path(run.output_dir)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(stored))
+    result = {"test": {"main": 0.5}, "validation": {"main": 0.6}, "final_loss": 0.7,
+              "wall_clock": 1.0, "steps": 4}
+    (folder / "results.json").write_text(json.dumps(result))
+    (folder / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 4,
+                                                      "loss": 0.7}) + "\n")
+    rows = compare(base, ["adamw"], [0], plot=False)  # read back: nothing trains
+    assert rows[0]["test_mean"] == 0.5 and rows[0]["steps_to_reference"] == 4
+    stored["learning_rate"] = 0.5
+    (folder / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(ConfigError, match="learning_rate"):
+        compare(base, ["adamw"], [0], plot=False)

@@ -25,9 +25,11 @@ import numpy as np
 
 from kfac_jax_peft.finetune.config import (
     ARMS,
+    FIELDS,
     ConfigError,
     TrainConfig,
     check_inputs,
+    from_mapping,
     has_checkpoint,
     rename_deprecated,
 )
@@ -66,15 +68,23 @@ def _check_same_config(cfg: TrainConfig) -> None:
     path = os.path.join(cfg.output_dir, "config.json")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        stored = json.load(f)
-    with warnings.catch_warnings():  # a run stored before a key was renamed
-        warnings.simplefilter("ignore", DeprecationWarning)
-        stored = rename_deprecated(stored)
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+        with warnings.catch_warnings():  # a run stored before a key was renamed
+            warnings.simplefilter("ignore", DeprecationWarning)
+            stored = rename_deprecated(stored)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ConfigError("output_dir", f"{cfg.output_dir!r} holds an unreadable config.json "
+                          f"({e}); remove the folder or use another output_dir") from None
+    # read back as a config: a key missing (a field added since) has its default,
+    # names are normalised; a key since removed is kept, and differs
+    known = {k: v for k, v in stored.items() if k in FIELDS}
+    try:
+        stored = {**stored, **from_mapping(known).to_dict()}
+    except ConfigError:
+        stored = {**TrainConfig().to_dict(), **stored}
     want = cfg.to_dict()
-    # a key missing from the stored config (a field added since) had its default
-    defaults = TrainConfig().to_dict()
-    stored = {**{k: defaults[k] for k in want if k not in stored}, **stored}
     differ = sorted(k for k in set(stored) | set(want)
                     if k not in ("output_dir", "progress") and stored.get(k) != want.get(k))
     if differ:
@@ -85,12 +95,12 @@ def _check_same_config(cfg: TrainConfig) -> None:
 
 def finished(cfg: TrainConfig) -> dict[str, Any] | None:
     """The results of a finished run of ``cfg`` in ``cfg.output_dir``, or None
-    if there is none. A run of a *different* configuration there is an error
-    naming the keys that differ (it is never silently reused)."""
-    _check_same_config(cfg)
+    if there is none. A finished run of a *different* configuration there is
+    an error naming the keys that differ (it is never silently reused)."""
     done = os.path.join(cfg.output_dir, "results.json")
     if not os.path.exists(done):
         return None
+    _check_same_config(cfg)
     with open(done) as f:
         return json.load(f)
 
@@ -150,8 +160,10 @@ def compare(base: TrainConfig, arms: Sequence[str], seeds: Sequence[int], *,
         raise ConfigError("reference", f"must be one of the arms {list(arms)}, got "
                           f"{reference!r}")
     check_inputs(base, resume=None)
-    for cfg in configs.values():  # a folder of another configuration, before any training
-        _check_same_config(cfg)
+    for cfg in configs.values():  # a run to reuse, of another configuration: before training
+        if has_checkpoint(cfg.output_dir):
+            _check_same_config(cfg)
+        finished(cfg)
     data = data or load_data(base)
     results: dict[str, list[tuple[int, dict, str]]] = {}
     for (arm, seed), cfg in configs.items():
