@@ -142,8 +142,10 @@ def test_api_config_values_are_refused_naming_the_key(changes, key, is_type):
 
 
 def test_api_values_of_the_right_kind_are_normalised():
-    cfg = TrainConfig(learning_rate=1, lora_targets="query", task="SST-2", seed=np.int64(3))
+    cfg = TrainConfig(learning_rate=1, lora_targets="query", task="SST-2", seed=np.int64(3),
+                      output_dir=pathlib.Path("runs") / "a")
     assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+    assert cfg.output_dir == os.path.join("runs", "a")
     assert cfg.lora_targets == ("query",) and cfg.task == "sst2" and type(cfg.seed) is int
     assert from_mapping(cfg.to_dict()) == cfg
 

@@ -284,6 +284,9 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "devices": (_at_least(0), "an integer >= 0 (0 = all local devices)"),
 }
 
+#: Keys that name files or folders (a ``pathlib.Path`` is fine).
+_PATHS = ("model", "data_dir", "output_dir")
+
 _CHOICES = {"peft": PEFT_METHODS, "optimizer": OPTIMIZERS, "clip": CLIP_MODES,
             "damping_mode": DAMPING_MODES, "fisher_damping_scale": FISHER_DAMPING_SCALES}
 
@@ -313,6 +316,8 @@ def _coerce(key: str, value: Any, kind: str) -> Any:
             raise ConfigError(key, f"must be a finite number, got {value!r}")
         return float(value)
     if kind == "str":
+        if key in _PATHS and isinstance(value, os.PathLike):
+            value = os.fspath(value)  # stored as a string: config.json is JSON
         if not isinstance(value, str) or not value:
             raise _type_error(key, value, "a non-empty string")
         return value
