@@ -323,6 +323,27 @@ def test_cli_names_the_key_and_file_of_a_config_value(tmp_path, capsys):
     assert "steps" in line and str(path) in line and "integer" in line
 
 
+def test_cli_interrupt_says_how_to_continue_and_bugs_keep_their_traceback(monkeypatch,
+                                                                           capsys):
+    from kfac_jax_peft.finetune import compare as compare_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_module, "compare", interrupted)
+    with pytest.raises(SystemExit) as info:
+        main(["compare", "--model", "m"])
+    assert info.value.code == 130
+    assert "run the same command again to continue" in capsys.readouterr().err
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("an unexpected failure")
+
+    monkeypatch.setattr(compare_module, "compare", bug)
+    with pytest.raises(RuntimeError, match="unexpected"):  # not turned into a user error
+        main(["compare", "--model", "m"])
+
+
 # --------------------------------------------------------------------------- config files
 
 # (file name, text, text the error must hold)
