@@ -34,7 +34,7 @@ SETTINGS = {
     "ef": {"optimizer": "ef", "clip": "post"},
     "ief": {"optimizer": "ief", "clip": "post"},
     "sf": {"optimizer": "sf", "clip": "post", "fisher_damping": 1e-4,
-           "fisher_damping_mode": "relative"},
+           "fisher_damping_scale": "relative"},
     "kfac": {"optimizer": "kfac", "clip": "post"},
 }
 

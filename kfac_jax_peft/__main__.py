@@ -11,9 +11,14 @@ Commands:
   (JSON or TOML) sets defaults that flags override; ``--resume`` continues
   from the run folder's checkpoint.
 * ``compare``: the same, for several arms (``adamw``, ``kfac-none``,
-  ``kfac-pre``, ``kfac-post``) and seeds; prints the comparison table.
+  ``kfac-pre``, ``kfac-post``) and seeds; prints the comparison table. Run
+  again, it reads finished runs back and continues interrupted ones.
 * ``plot``: plot run folders (loss against step and wall-clock, validation
   metric, clip rate).
+
+A user error (a bad flag or config value, a missing or malformed file) ends
+the command with one line naming the flag, key or file, and exit status 2;
+an unexpected failure shows its traceback.
 """
 
 from __future__ import annotations
@@ -23,11 +28,21 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the usage of ``train`` is a screenful
+    of flags, which would hide the message."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _demo(args) -> int:
     from kfac_jax_peft import demo
 
+    demo.check_args(steps=args.steps, seed=args.seed, plot=args.plot)
     print(f"Training the LoRA parameters of a built-in {args.steps}-step encoder task "
           "with each optimizer (CPU is fine; nothing is downloaded)...", flush=True)
     rows = demo.compare(steps=args.steps, seed=args.seed)
@@ -50,29 +65,63 @@ def _field_type(field: dataclasses.Field):
     raise TypeError(f"no flag type for {field.name}: {t}")  # pragma: no cover
 
 
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+#: compare()'s arguments that are flags of the compare command
+_COMPARE_FLAGS = ("arms", "seeds", "reference", "arm_overrides")
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    from kfac_jax_peft.finetune.config import FIELDS
+    from kfac_jax_peft.finetune.config import FIELDS, RENAMED
 
     p.add_argument("--config", help="JSON or TOML file of TrainConfig keys (flags override)")
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help="keep compiled steps in DIR (JAX's persistent cache) across runs")
     for name, field in FIELDS.items():
         typ, nargs = _field_type(field)
-        flag = "--" + name.replace("_", "-")
         if typ is bool:
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+            p.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
                            default=argparse.SUPPRESS)
         else:
-            p.add_argument(flag, dest=name, type=typ, nargs=nargs, default=argparse.SUPPRESS,
-                           metavar=name.upper(), help=f"(default: {field.default!r})")
+            p.add_argument(_flag(name), dest=name, type=typ, nargs=nargs,
+                           default=argparse.SUPPRESS, metavar=name.upper(),
+                           help=f"(default: {field.default!r})")
+    for old, new in RENAMED.items():  # deprecated names, read until the next release
+        typ, nargs = _field_type(FIELDS[new])
+        p.add_argument(_flag(old), dest=old, type=typ, nargs=nargs, default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)
 
 
 def _config(args):
-    from kfac_jax_peft.finetune.config import FIELDS, from_mapping, load_config
+    """The run's config: the ``--config`` file's keys, overridden by the
+    flags given. The keys read from the file are kept in ``args.file_keys``
+    so that an error names a bad value the way the user wrote it."""
+    from kfac_jax_peft.finetune.config import (
+        FIELDS,
+        RENAMED,
+        from_mapping,
+        load_config,
+        rename_deprecated,
+    )
 
-    values = load_config(args.config) if args.config else {}
-    values.update({k: v for k, v in vars(args).items() if k in FIELDS})
-    return from_mapping(values, source=args.config or "flags")
+    from_file = load_config(args.config) if args.config else {}
+    flags = rename_deprecated({k: v for k, v in vars(args).items()
+                               if k in FIELDS or k in RENAMED}, "flag")
+    args.file_keys = set(from_file) - set(flags)
+    return from_mapping({**from_file, **flags}, source=args.config or "flags")
+
+
+def _where(key: str, args) -> str:
+    """How the user wrote ``key``: as a key of the ``--config`` file, or a flag."""
+    from kfac_jax_peft.finetune.config import FIELDS
+
+    if key in getattr(args, "file_keys", ()):
+        return f"{key} in {args.config}"
+    if key in FIELDS or key in _COMPARE_FLAGS or key == "config":
+        return _flag(key)
+    return key
 
 
 def _cache(args) -> None:
@@ -84,20 +133,39 @@ def _cache(args) -> None:
 
 def _train(args) -> int:
     from kfac_jax_peft.finetune import train
+    from kfac_jax_peft.finetune.config import check_inputs
 
     cfg = _config(args)
+    check_inputs(cfg, resume=args.resume)
     _cache(args)
     result = train(cfg, resume=args.resume)
     print(json.dumps(result.to_dict(), indent=1))
     return 0
 
 
+def _arm_overrides(text: str | None) -> dict | None:
+    from kfac_jax_peft.finetune.config import ConfigError
+
+    if not text:
+        return None
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError("arm_overrides", f"must be a JSON object, got {text!r} ({e})"
+                          ) from None
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict)
+                                                  for v in overrides.values()):
+        raise ConfigError("arm_overrides", 'must be a JSON object of objects, e.g. '
+                          f'{{"adamw": {{"learning_rate": 1e-3}}}}, got {text!r}')
+    return overrides
+
+
 def _compare(args) -> int:
     from kfac_jax_peft.finetune.compare import compare, format_rows
 
     cfg = _config(args)
-    _cache(args)
-    overrides = json.loads(args.arm_overrides) if args.arm_overrides else None
+    overrides = _arm_overrides(args.arm_overrides)
+    _cache(args)  # compare() checks the arms, then the files (check_inputs)
     rows = compare(cfg, args.arms, args.seeds, overrides=overrides, reference=args.reference)
     print(format_rows(rows))
     print(f"summary and plot in {cfg.output_dir}")
@@ -107,17 +175,22 @@ def _compare(args) -> int:
 def _plot(args) -> int:
     from kfac_jax_peft.finetune.plots import plot_runs
 
+    for run in args.runs:
+        if not os.path.isfile(os.path.join(run, "metrics.jsonl")):
+            raise FileNotFoundError(f"run folder {run!r} has no metrics.jsonl")
+    if args.labels is not None and len(args.labels) != len(args.runs):
+        from kfac_jax_peft.finetune.config import ConfigError
+
+        raise ConfigError("--labels", f"must give one label per run folder ({len(args.runs)}), "
+                          f"got {len(args.labels)}")
     out = plot_runs(args.runs, args.out, labels=args.labels, title=args.title)
     print(f"plot written to {out}")
     return 0
 
 
-def main(argv=None) -> int:
-    # jaxlib's CPU LAPACK runs on scipy's OpenBLAS, whose spinning threads
-    # slow XLA down (see benchmarks/step_time.py); one thread is faster.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    parser = argparse.ArgumentParser(prog="kfac-peft", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kfac-peft", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="AdamW vs K-FAC (no clip, pre-clip, Newton-step clip) "
@@ -134,7 +207,8 @@ def main(argv=None) -> int:
                    help="continue from the checkpoint in --output-dir")
     t.set_defaults(func=_train)
 
-    c = sub.add_parser("compare", help="several arms and seeds; prints the table")
+    c = sub.add_parser("compare", help="several arms and seeds; prints the table (run again "
+                                       "to continue an interrupted comparison)")
     _add_config_flags(c)
     c.add_argument("--arms", nargs="+", default=["adamw", "kfac-none", "kfac-pre",
                                                  "kfac-post"])
@@ -152,9 +226,58 @@ def main(argv=None) -> int:
     pl.add_argument("--labels", nargs="+", default=None)
     pl.add_argument("--title", default=None)
     pl.set_defaults(func=_plot)
+    return parser
 
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "fix your input", reported in one line."""
+    from kfac_jax_peft.data import DataError
+    from kfac_jax_peft.finetune.config import ConfigError
+    from kfac_jax_peft.models.loading import CheckpointError
+
+    return (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError,
+            NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _again(args) -> str:
+    if args.command == "compare":
+        return "run the same command again to continue (finished runs are read back)"
+    if args.command == "train":
+        return "add --resume to continue from the last checkpoint"
+    return "run it again"
+
+
+def main(argv=None) -> int:
+    """Run the command of ``argv``; 0 on success. A user error exits with
+    status 2 (``SystemExit``) after one line on stderr."""
+    # jaxlib's CPU LAPACK runs on scipy's OpenBLAS, whose spinning threads
+    # slow XLA down (see benchmarks/step_time.py); one thread is faster.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # Python hides DeprecationWarnings outside __main__; a renamed flag or
+    # key must still be seen by the user who wrote it.
+    warnings.filterwarnings("default", category=DeprecationWarning,
+                            message=r"(key|flag) .* is deprecated; use")
+    from kfac_jax_peft.finetune.config import ConfigError
+
+    parser = _parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    prog = f"{parser.prog} {args.command}"
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        if isinstance(e, ConfigError):
+            message = f"{_where(e.key, args)} {e.detail}"
+        else:
+            message = str(e) or type(e).__name__
+        message = " ".join(message.split())  # one line, also for a listing
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except FloatingPointError as e:  # a diverged run: the message says what to change
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; {_again(args)}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -117,8 +117,27 @@ ARMS = {
 }
 
 
+def check_args(steps: int, seed: int, plot: str | None = None) -> None:
+    """Refuse arguments the demo cannot use, before it trains: ``steps`` >= 1
+    (the table reads each arm's last loss), ``seed`` >= 0 (numpy's
+    generators), ``plot`` in an existing folder (found out only after
+    training otherwise). Raises ``ConfigError`` naming the flag."""
+    import os
+
+    from kfac_jax_peft.finetune.config import ConfigError
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError("--steps", f"must be an integer >= 1, got {steps!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError("--seed", f"must be an integer >= 0, got {seed!r}")
+    folder = os.path.dirname(os.path.abspath(plot)) if plot else None
+    if folder is not None and not os.path.isdir(folder):
+        raise ConfigError("--plot", f"must be in an existing folder, got {plot!r}")
+
+
 def compare(steps: int = 200, arms=None, seed: int = 0) -> list[dict]:
     """Run every arm on the same data; rows of the comparison table."""
+    check_args(steps, seed)
     arms = arms or ARMS
     cfg = toy.ToyConfig()
     variables = toy.init(cfg, seed=seed)

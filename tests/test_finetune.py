@@ -210,7 +210,7 @@ def test_fisher_family_optimizers_and_gamma_logging(folders, tmp_path):
     for opt in ("ef", "ief", "sf"):
         res = train(_cfg(folders, tmp_path / opt, optimizer=opt, clip="post", steps=4,
                          log_every=2, log_gamma=True, learning_rate=0.05,
-                         fisher_damping=1e-3, fisher_damping_mode="relative"), data=data)
+                         fisher_damping=1e-3, fisher_damping_scale="relative"), data=data)
         recs = [r for r in read_log(res.output_dir) if r["kind"] == "train"]
         assert all(np.isfinite(r["loss"]) and np.isfinite(r["gamma"]) and r["gamma"] > 0
                    for r in recs), opt

@@ -24,7 +24,9 @@ Two sources, both giving the same labels (see :mod:`kfac_jax_peft.data.tasks`):
 
 Fields are split on tab characters only and quote characters are kept
 literally (the ``csv.QUOTE_NONE`` convention GLUE's files need); a UTF-8 byte
-order mark is dropped and empty lines are skipped. Every malformed input
+order mark is dropped and empty lines are skipped. Lines end in LF or CRLF;
+a carriage return anywhere else (old Mac CR-only line endings) is an error,
+since the whole file would otherwise read as one line. Every malformed input
 raises :class:`DataError` naming the file and, for a row, its 1-based line
 number (the header is line 1).
 
@@ -82,8 +84,9 @@ class Example:
 def parse_label(spec: TaskSpec, value: Any, where: str) -> int | float:
     """Convert a raw label to the task's integer class id (or float target).
 
-    Accepted for classification and multiple choice: an integer (or integral
-    float, or its decimal string) in ``[0, n)``, a label name from
+    Accepted for classification and multiple choice: an integer, an integral
+    float or the decimal string of either (``1``, ``1.0``, ``"1"``,
+    ``"1.0"``) in ``[0, n)``, a label name from
     ``spec.label_names`` (case-insensitive), or a bool where the label names
     are ``("False", "True")`` (WSC). For regression: a finite number inside
     ``spec.label_range``. ``where`` prefixes the error message.
@@ -112,7 +115,9 @@ def parse_label(spec: TaskSpec, value: Any, where: str) -> int | float:
         try:
             value = int(text)
         except ValueError:
-            raise DataError(f"{where}: label {value!r} is not {expected}") from None
+            value = _integral_float(text)
+            if value is None:
+                raise DataError(f"{where}: label {text!r} is not {expected}") from None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, numbers.Integral):
@@ -120,6 +125,15 @@ def parse_label(spec: TaskSpec, value: Any, where: str) -> int | float:
     if not isinstance(value, int) or not 0 <= value < n:
         raise DataError(f"{where}: label {value!r} is not {expected}")
     return value
+
+
+def _integral_float(text: str) -> int | None:
+    """``"1.0"`` -> 1 (some exports write class ids as floats); None otherwise."""
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
 
 
 # ---------------------------------------------------------------------------
@@ -205,6 +219,11 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
             lines = [(i, line.rstrip("\n").removesuffix("\r")) for i, line in enumerate(f, 1)]
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 ({e})") from None
+    for i, line in lines:
+        if "\r" in line:  # split on "\n" only: a lone CR would hide inside a field
+            raise DataError(f"{path}, line {i}: carriage return (CR) inside a line; the file "
+                            "has old Mac (CR-only) line endings or stray CRs: convert it to "
+                            "LF or CRLF line endings")
     lines = [(i, line) for i, line in lines if line]
     if not lines:
         raise DataError(f"{path}: empty file")

@@ -1,10 +1,12 @@
 """Several arms and seeds of one task, side by side.
 
-:func:`compare` trains every ``(arm, seed)`` into ``<output_dir>/<arm>/seed<k>``
-(a run
-already finished there with the same configuration is read back instead of
-retrained, so an interrupted comparison continues; see :func:`finished`), then
-summarises: test metric mean and standard deviation over seeds, final
+:func:`compare` trains every ``(arm, seed)`` into ``<output_dir>/<arm>/seed<k>``,
+then summarises. Run again with the same configuration, it continues: a run
+finished there is read back instead of retrained (:func:`finished`), and a
+run interrupted after a checkpoint resumes from it (``train(cfg,
+resume=True)``, which ends with the same parameters as an uninterrupted
+run). A folder holding a run of another configuration is an error naming
+the keys that differ. The summary: test metric mean and standard deviation over seeds, final
 training loss, the step at which each run first logs a training loss at or
 below the reference arm's final loss (mean over the seeds that reach it),
 and the wall-clock of training.
@@ -15,12 +17,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from kfac_jax_peft.finetune.config import ARMS, TrainConfig
+from kfac_jax_peft.finetune.config import (
+    ARMS,
+    FIELDS,
+    ConfigError,
+    TrainConfig,
+    check_inputs,
+    from_mapping,
+    has_checkpoint,
+    rename_deprecated,
+)
 from kfac_jax_peft.finetune.logs import read_log
 from kfac_jax_peft.finetune.plots import plot_runs
 from kfac_jax_peft.finetune.trainer import Data, load_data, steps_to_reach, train
@@ -50,6 +62,37 @@ class ArmSummary:
         }
 
 
+def _check_same_config(cfg: TrainConfig) -> None:
+    """A :class:`ConfigError` if ``cfg.output_dir`` holds a run (its
+    ``config.json``) of another configuration, naming the keys that differ."""
+    path = os.path.join(cfg.output_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+        with warnings.catch_warnings():  # a run stored before a key was renamed
+            warnings.simplefilter("ignore", DeprecationWarning)
+            stored = rename_deprecated(stored)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ConfigError("output_dir", f"{cfg.output_dir!r} holds an unreadable config.json "
+                          f"({e}); remove the folder or use another output_dir") from None
+    # read back as a config: a key missing (a field added since) has its default,
+    # names are normalised; a key since removed is kept, and differs
+    known = {k: v for k, v in stored.items() if k in FIELDS}
+    try:
+        stored = {**stored, **from_mapping(known).to_dict()}
+    except ConfigError:
+        stored = {**TrainConfig().to_dict(), **stored}
+    want = cfg.to_dict()
+    differ = sorted(k for k in set(stored) | set(want)
+                    if k not in ("output_dir", "progress") and stored.get(k) != want.get(k))
+    if differ:
+        raise ConfigError("output_dir", f"{cfg.output_dir!r} holds a run of another "
+                          f"configuration (differs in {differ}); remove it or use another "
+                          "output_dir")
+
+
 def finished(cfg: TrainConfig) -> dict[str, Any] | None:
     """The results of a finished run of ``cfg`` in ``cfg.output_dir``, or None
     if there is none. A finished run of a *different* configuration there is
@@ -57,17 +100,7 @@ def finished(cfg: TrainConfig) -> dict[str, Any] | None:
     done = os.path.join(cfg.output_dir, "results.json")
     if not os.path.exists(done):
         return None
-    with open(os.path.join(cfg.output_dir, "config.json")) as f:
-        stored = json.load(f)
-    want = cfg.to_dict()
-    # a key missing from the stored config (a field added since) had its default
-    defaults = TrainConfig().to_dict()
-    stored = {**{k: defaults[k] for k in want if k not in stored}, **stored}
-    differ = sorted(k for k in set(stored) | set(want)
-                    if k not in ("output_dir", "progress") and stored.get(k) != want.get(k))
-    if differ:
-        raise ValueError(f"{cfg.output_dir!r} holds a finished run of another configuration "
-                         f"(differs in {differ}); remove it or use another output_dir")
+    _check_same_config(cfg)
     with open(done) as f:
         return json.load(f)
 
@@ -75,10 +108,43 @@ def finished(cfg: TrainConfig) -> dict[str, Any] | None:
 def arm_config(base: TrainConfig, arm: str, overrides: Mapping[str, Mapping] | None = None
                ) -> TrainConfig:
     """``base`` with an arm's settings (:data:`ARMS`) and per-arm overrides
-    (e.g. the tuned learning rate of that arm)."""
+    (e.g. the tuned learning rate of that arm); a bad override is a
+    :class:`ConfigError` naming the key and the arm."""
     if arm not in ARMS:
-        raise ValueError(f"unknown arm {arm!r}; expected one of {sorted(ARMS)}")
-    return base.replace(**ARMS[arm], **dict((overrides or {}).get(arm, {})))
+        raise ConfigError("arms", f"must be among {', '.join(ARMS)}, got {arm!r}")
+    changes = dict((overrides or {}).get(arm, {}))
+    try:
+        return base.replace(**{**ARMS[arm], **changes})
+    except ConfigError as e:
+        if e.key not in changes:
+            raise
+        raise type(e)("arm_overrides", f"of arm {arm!r}: {e}") from None
+
+
+def _run_configs(base: TrainConfig, arms: Sequence[str], seeds: Sequence[int],
+                 overrides: Mapping[str, Mapping] | None) -> dict[tuple[str, int], TrainConfig]:
+    """Every run's config, made (and so checked) before anything is trained."""
+    if not arms or not seeds:
+        raise ConfigError("arms" if not arms else "seeds", "must name at least one")
+    unknown = sorted(set(overrides or {}) - set(ARMS))
+    if unknown:  # a misspelt arm would silently lose its tuned settings
+        raise ConfigError("arm_overrides", f"must name known arms ({', '.join(ARMS)}), got "
+                          f"{unknown}")
+    if len(set(arms)) < len(arms) or len(set(seeds)) < len(seeds):
+        raise ConfigError("arms" if len(set(arms)) < len(arms) else "seeds",
+                          "must not repeat (each run has its own folder)")
+    return {(arm, seed): arm_config(base, arm, overrides).replace(
+                seed=seed, output_dir=os.path.join(base.output_dir, arm, f"seed{seed}"))
+            for arm in arms for seed in seeds}
+
+
+def _run(cfg: TrainConfig, data: Data) -> dict[str, Any]:
+    """The results of one run: read back if finished, resumed if interrupted
+    after a checkpoint, trained otherwise."""
+    res = finished(cfg)
+    if res is None:
+        res = train(cfg, data=data, resume=has_checkpoint(cfg.output_dir)).to_dict()
+    return res
 
 
 def compare(base: TrainConfig, arms: Sequence[str], seeds: Sequence[int], *,
@@ -88,19 +154,20 @@ def compare(base: TrainConfig, arms: Sequence[str], seeds: Sequence[int], *,
     """Train and summarise; returns one row per arm (see the module doc) and
     writes ``<name>.json`` and (with ``plot``) ``comparison.png``, or
     ``<name>.png`` for another ``name``, into ``base.output_dir``."""
+    configs = _run_configs(base, arms, seeds, overrides)
     reference = reference or arms[0]
     if reference not in arms:
-        raise ValueError(f"reference arm {reference!r} is not among the arms {list(arms)}")
+        raise ConfigError("reference", f"must be one of the arms {list(arms)}, got "
+                          f"{reference!r}")
+    check_inputs(base, resume=None)
+    for cfg in configs.values():  # a run to reuse, of another configuration: before training
+        if has_checkpoint(cfg.output_dir):
+            _check_same_config(cfg)
+        finished(cfg)
     data = data or load_data(base)
     results: dict[str, list[tuple[int, dict, str]]] = {}
-    for arm in arms:
-        for seed in seeds:
-            run_dir = os.path.join(base.output_dir, arm, f"seed{seed}")
-            cfg = arm_config(base, arm, overrides).replace(seed=seed, output_dir=run_dir)
-            res = finished(cfg)
-            if res is None:
-                res = train(cfg, data=data).to_dict()
-            results.setdefault(arm, []).append((seed, res, run_dir))
+    for (arm, seed), cfg in configs.items():
+        results.setdefault(arm, []).append((seed, _run(cfg, data), cfg.output_dir))
     ref_loss = {seed: res["final_loss"] for seed, res, _ in results[reference]}
     rows = []
     for arm in arms:

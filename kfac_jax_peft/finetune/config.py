@@ -4,14 +4,30 @@ A run is fully described by a :class:`TrainConfig`; it is written to
 ``<output_dir>/config.json`` at the start of the run, and a config file
 (JSON, or TOML with a ``[train]`` table or top-level keys) is read by
 :func:`load_config`. Unknown keys are errors naming the key.
+
+Every value is checked once, when the config is made (:func:`validate`):
+a value of the wrong type or outside its allowed range raises a
+:class:`ConfigError` (a ``ValueError``; :class:`ConfigTypeError`, also a
+``TypeError``, for a wrong type) naming the key and the allowed values,
+before any data or model is loaded. :func:`check_inputs` then checks the
+files a run reads (the checkpoint folder, the data folder, the run folder)
+without loading them.
+
+Renamed keys (one name per concept; the old names are read, with a
+``DeprecationWarning``, until the next release): ``save_every`` is
+``checkpoint_every``; ``fisher_damping_mode`` is ``fisher_damping_scale``
+(``damping_mode`` is K-FAC's exact/factored choice, a different concept).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 import tomllib
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +36,8 @@ OPTIMIZERS = ("adamw", "kfac", "sgd", "ef", "ief", "sf")
 PER_SAMPLE = ("ef", "ief", "sf")
 CLIP_MODES = ("post", "pre", "none")
 PEFT_METHODS = ("lora", "houlsby", "pfeiffer", "head")
+DAMPING_MODES = ("exact", "factored")
+FISHER_DAMPING_SCALES = ("absolute", "relative")
 
 #: The paper's four arms (Section 5, Fig. 4) as config overrides.
 ARMS: dict[str, dict[str, Any]] = {
@@ -28,6 +46,29 @@ ARMS: dict[str, dict[str, Any]] = {
     "kfac-pre": {"optimizer": "kfac", "clip": "pre"},
     "kfac-post": {"optimizer": "kfac", "clip": "post"},
 }
+
+#: Deprecated key -> its new name (read until the next release).
+RENAMED = {"save_every": "checkpoint_every", "fisher_damping_mode": "fisher_damping_scale"}
+
+#: Keys whose unset value (None) follows another key, kept in step by
+#: :meth:`TrainConfig.replace`.
+FOLLOWS = {"stats_every": "invert_every", "checkpoint_every": "eval_every"}
+
+
+class ConfigError(ValueError):
+    """A configuration value that a run cannot use.
+
+    ``key`` is the offending key and ``detail`` the rest of the sentence
+    (``"must be ..., got ..."``), so that a front end can name the key its
+    own way (the command line names the flag)."""
+
+    def __init__(self, key: str, detail: str):
+        super().__init__(f"{key} {detail}")
+        self.key, self.detail = key, detail
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A configuration value of the wrong type (``"5"`` where an integer is due)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +104,7 @@ class TrainConfig:
     ``"ef"``, ``"ief"``, ``"sf"``: the exact damped empirical, improved
     empirical and sampled (``num_samples`` labels per example) Fisher updates
     of :mod:`kfac_jax_peft.fisher` (Woodbury on the batch's per-sample
-    gradients; damping ``fisher_damping``, ``fisher_damping_mode``
+    gradients; damping ``fisher_damping``, ``fisher_damping_scale``
     ``"absolute"`` or ``"relative"`` to the largest Gram diagonal); their
     step is deterministic (no dropout) and runs on one device.
     ``log_gamma``: at every log step, also log the gamma indicator of that
@@ -73,12 +114,17 @@ class TrainConfig:
 
     Loop: ``eval_every`` steps (the paper: 200) evaluate on validation; the
     best validation checkpoint is evaluated on test at the end.
-    ``save_every`` steps (default ``eval_every``) write a resumable
+    ``checkpoint_every`` steps (default ``eval_every``) write a resumable
     checkpoint. ``log_every`` steps write a training record. ``devices``:
     how many local devices to train on data-parallel (0 = all).
     ``precompile``: compile every step kind for every padded length before
     the clock starts, so that the logged wall-clock is training time and
     not compilation time.
+
+    ``stats_every`` and ``checkpoint_every`` left unset (``None``) read as
+    ``invert_every`` and ``eval_every`` and keep following them through
+    :meth:`replace`; :meth:`to_dict` writes them as ``None``. Every value is
+    checked by :func:`validate` when the config is made.
     """
 
     task: str = "rte"
@@ -108,12 +154,12 @@ class TrainConfig:
     damping_mode: str = "exact"
     share_input_factors: bool = False
     fisher_damping: float = 1e-7
-    fisher_damping_mode: str = "absolute"
+    fisher_damping_scale: str = "absolute"
     num_samples: int = 1
     log_gamma: bool = False
     steps: int = 1000
     eval_every: int = 200
-    save_every: int | None = None
+    checkpoint_every: int | None = None
     log_every: int = 10
     seed: int = 0
     devices: int = 1
@@ -121,75 +167,356 @@ class TrainConfig:
     precompile: bool = True
 
     def __post_init__(self):
-        if isinstance(self.lora_targets, str):
-            object.__setattr__(self, "lora_targets", (self.lora_targets,))
-        else:
-            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("clip", self.clip, CLIP_MODES)
-        _check_choice("peft", self.peft, PEFT_METHODS)
-        for name in ("batch_size", "steps", "eval_every", "log_every", "invert_every",
-                     "max_length", "pad_to_multiple_of"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.stats_every is not None and self.stats_every < 1:
-            raise ValueError(f"stats_every must be >= 1, got {self.stats_every}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        validate(self)
+        follows = frozenset(k for k in FOLLOWS if getattr(self, k) is None)
+        object.__setattr__(self, "_follows", follows)
+        for key in follows:
+            object.__setattr__(self, key, getattr(self, FOLLOWS[key]))
 
-    @property
-    def checkpoint_every(self) -> int:
-        return self.save_every or self.eval_every
-
+    # Deprecated attribute names, read until the next release.
     @property
     def stats_interval(self) -> int:
-        """Steps between statistics captures (``invert_every`` by default)."""
-        return self.stats_every or self.invert_every
+        """Deprecated: ``stats_every``."""
+        _warn_renamed("attribute", "stats_interval", "stats_every")
+        return self.stats_every
+
+    @property
+    def save_every(self) -> int:
+        """Deprecated: ``checkpoint_every``."""
+        _warn_renamed("attribute", "save_every", "checkpoint_every")
+        return self.checkpoint_every
+
+    @property
+    def fisher_damping_mode(self) -> str:
+        """Deprecated: ``fisher_damping_scale``."""
+        _warn_renamed("attribute", "fisher_damping_mode", "fisher_damping_scale")
+        return self.fisher_damping_scale
 
     def replace(self, **changes) -> TrainConfig:
+        """A copy with ``changes`` (checked like a new config; deprecated key
+        names are read with a warning). A key left unset that follows another
+        (``stats_every``, ``checkpoint_every``) keeps following it."""
+        changes = rename_deprecated(changes, "key")
+        _check_known(changes, "replace()")
+        for key in self._follows:
+            changes.setdefault(key, None)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """The keys as given: ``from_mapping(cfg.to_dict())`` gives ``cfg`` back."""
         d = dataclasses.asdict(self)
         d["lora_targets"] = list(self.lora_targets)
+        for key in self._follows:
+            d[key] = None
         return d
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {choices}")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def from_mapping(d: Mapping[str, Any], *, source: str = "config") -> TrainConfig:
-    """A :class:`TrainConfig` from a mapping; unknown keys are errors."""
+def _warn_renamed(kind: str, old: str, new: str, source: str = "") -> None:
+    where = f" in {source}" if source else ""
+    warnings.warn(f"{kind} {old!r}{where} is deprecated; use {new!r} (the old name is read "
+                  "until the next release)", DeprecationWarning, stacklevel=3)
+
+
+def rename_deprecated(d: Mapping[str, Any], kind: str = "key",
+                      source: str = "") -> dict[str, Any]:
+    """``d`` with deprecated keys (:data:`RENAMED`) under their new names,
+    warning once per old key (``kind`` says how the warning names it:
+    ``"key"``, ``"flag"``; ``source`` where it was read). Both names at once
+    is an error."""
+    out = dict(d)
+    for old, new in RENAMED.items():
+        if old in out:
+            if new in out:
+                raise ConfigError(new, f"is given twice, also under its deprecated name {old!r}")
+            shown = ("--" + old.replace("_", "-"), "--" + new.replace("_", "-")) \
+                if kind == "flag" else (old, new)
+            _warn_renamed(kind, *shown, source)
+            out[new] = out.pop(old)
+    return out
+
+
+def _check_known(d: Mapping[str, Any], source: str) -> None:
     unknown = sorted(set(d) - set(FIELDS))
     if unknown:
-        raise ValueError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(FIELDS)}")
+        raise ConfigError(unknown[0], f"is not a configuration key ({source}: unknown "
+                          f"{unknown}); known keys: {', '.join(sorted(FIELDS))}")
+
+
+# --------------------------------------------------------------------------- validation
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _at_least(low):
+    return lambda v: v >= low
+
+
+#: The allowed values of each key beyond its type: (check, how it reads).
+#: Choices and the cross-key rules are in :func:`validate` itself.
+_RANGES: dict[str, tuple[Any, str]] = {
+    "max_length": (_at_least(4), "an integer >= 4 (room for the special tokens of a pair)"),
+    "pad_to_multiple_of": (_at_least(1), "an integer >= 1"),
+    "batch_size": (_at_least(1), "an integer >= 1"),
+    "eval_batch_size": (_at_least(1), "an integer >= 1, or unset (batch_size)"),
+    "lora_rank": (_at_least(1), "an integer >= 1"),
+    "lora_alpha": (_positive, "a number > 0 (the LoRA scale is lora_alpha / lora_rank)"),
+    "adapter_reduction": (_at_least(1), "an integer >= 1"),
+    "dropout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1), or unset (the checkpoint's)"),
+    "learning_rate": (_positive, "a number > 0"),
+    "max_norm": (_positive, "a number > 0 (0 would stop every update)"),
+    "weight_decay": (_at_least(0.0), "a number >= 0"),
+    "warmup_ratio": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "damping": (_positive, "a number > 0"),
+    "decay": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "invert_every": (_at_least(1), "an integer >= 1"),
+    "stats_every": (_at_least(1), "an integer >= 1, or unset (invert_every)"),
+    "fisher_damping": (_positive, "a number > 0"),
+    "num_samples": (_at_least(1), "an integer >= 1"),
+    "steps": (_at_least(1), "an integer >= 1"),
+    "eval_every": (_at_least(1), "an integer >= 1"),
+    "checkpoint_every": (_at_least(1), "an integer >= 1, or unset (eval_every)"),
+    "log_every": (_at_least(1), "an integer >= 1"),
+    "seed": (_at_least(0), "an integer >= 0"),
+    "devices": (_at_least(0), "an integer >= 0 (0 = all local devices)"),
+}
+
+#: Keys that name files or folders (a ``pathlib.Path`` is fine).
+_PATHS = ("model", "data_dir", "output_dir")
+
+_CHOICES = {"peft": PEFT_METHODS, "optimizer": OPTIMIZERS, "clip": CLIP_MODES,
+            "damping_mode": DAMPING_MODES, "fisher_damping_scale": FISHER_DAMPING_SCALES}
+
+
+def _type_error(key: str, value: Any, wanted: str) -> ConfigTypeError:
+    return ConfigTypeError(key, f"must be {wanted}, got {value!r} ({type(value).__name__})")
+
+
+def _coerce(key: str, value: Any, kind: str) -> Any:
+    """``value`` as the Python type ``kind`` names, or a :class:`ConfigTypeError`.
+
+    Exact types only: no ``"5"`` for 5, no 8.5 (or 8.0) for an integer, no
+    0/1 for a bool, since a config file holding them was probably not meant
+    that way; an integer is a fine float."""
+    if kind == "bool":
+        if not isinstance(value, bool | _np_bool()):
+            raise _type_error(key, value, "true or false")
+        return bool(value)
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise _type_error(key, value, "an integer")
+        return int(value)
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise _type_error(key, value, "a number")
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
+        return float(value)
+    if kind == "str":
+        if key in _PATHS and isinstance(value, os.PathLike):
+            value = os.fspath(value)  # stored as a string: config.json is JSON
+        if not isinstance(value, str) or not value:
+            raise _type_error(key, value, "a non-empty string")
+        return value
+    if kind == "tuple[str, ...]":
+        items = (value,) if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not items or not all(
+                isinstance(v, str) and v for v in items):
+            raise _type_error(key, value, "a non-empty list of non-empty strings")
+        return tuple(items)
+    raise AssertionError(f"no rule for the type {kind!r} of {key}")  # pragma: no cover
+
+
+def _np_bool():
+    import numpy as np
+
+    return np.bool_
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check and normalise every key of ``cfg`` in place (it is frozen; this
+    runs from ``__post_init__``). Raises :class:`ConfigError` naming the
+    first bad key and its allowed values:
+
+    * the type of every key (``int``, ``float``, ``str``, ``bool``, a list of
+      strings; ``None`` where the annotation allows it);
+    * the range of every number (:data:`_RANGES`): positive learning rate,
+      ``max_norm``, damping and ``lora_alpha``; ``weight_decay`` >= 0;
+      ``dropout``, ``decay``, ``warmup_ratio`` in [0, 1); counts >= 1;
+    * the choices (task, peft, optimizer, clip, damping_mode,
+      fisher_damping_scale);
+    * the rules across keys: AdamW takes no post-clipping; the per-sample
+      optimizers and ``log_gamma`` run on one device; a multi-device batch
+      splits evenly.
+
+    Checks that need files (the model's position embeddings, the tokenizer,
+    the LoRA targets against the model) come later, before anything is
+    loaded (:func:`check_inputs`) or right after the model is built.
+    """
+    from kfac_jax_peft.data.tasks import get_task
+
+    def put(key, value):
+        object.__setattr__(cfg, key, value)
+
+    for key, field in FIELDS.items():
+        value, kind = getattr(cfg, key), str(field.type)
+        if kind.endswith(" | None"):
+            if value is None:
+                continue
+            kind = kind.removesuffix(" | None")
+        put(key, value := _coerce(key, value, kind))
+        check, allowed = _RANGES.get(key, (None, ""))
+        if check is not None and not check(value):
+            raise ConfigError(key, f"must be {allowed}, got {value!r}")
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(key, f"must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+    try:
+        put("task", get_task(cfg.task).name)
+    except ValueError as e:
+        raise ConfigError("task", f"must be a known task, got {cfg.task!r} ({e})") from None
+    _validate_across(cfg)
+
+
+def _validate_across(cfg: TrainConfig) -> None:
+    """The rules that tie keys together (see :func:`validate`)."""
+    if cfg.optimizer == "adamw" and cfg.clip == "post":
+        raise ConfigError("clip", "must be 'pre' or 'none' with optimizer 'adamw', got 'post' "
+                          "(post-clipping is K-FAC's Newton-step clipping)")
+    if cfg.devices > 1:
+        if cfg.optimizer in PER_SAMPLE or cfg.log_gamma:
+            raise ConfigError("devices", f"must be 1 with optimizer {cfg.optimizer!r} or "
+                              f"log_gamma (per-sample gradients run on one device), got "
+                              f"{cfg.devices}")
+        for key in ("batch_size", "eval_batch_size"):
+            value = getattr(cfg, key) or cfg.batch_size
+            if value % cfg.devices:
+                raise ConfigError(key, f"must be divisible by devices={cfg.devices}, "
+                                  f"got {value}")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def from_mapping(d: Mapping[str, Any], *, source: str = "config") -> TrainConfig:
+    """A :class:`TrainConfig` from a mapping; unknown keys are errors,
+    deprecated keys are read under their new names with a warning."""
+    d = rename_deprecated(d, "key")
+    _check_known(d, source)
     return TrainConfig(**d)
 
 
 def load_config(path: str) -> dict[str, Any]:
-    """The key/value pairs of a JSON or TOML config file (``.json`` /
-    ``.toml``); a TOML file may put them in a ``[train]`` table. The values
-    are checked by :func:`from_mapping` once merged with the flags."""
+    """The key/value pairs of a JSON (``.json``) or TOML (``.toml``) config
+    file; a TOML file may put them in a ``[train]`` table (then nothing else
+    may sit beside it). Deprecated keys come back under their new names
+    (with a warning). The values are checked by :func:`from_mapping` once
+    merged with the flags."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in (".json", ".toml"):
+        raise ConfigError("config", f"file {path!r} must be .json or .toml, got {suffix!r} "
+                          "(other formats are not read)")
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        if path.endswith(".toml"):
-            d = tomllib.loads(raw.decode())
-            d = d.get("train", d)
-        else:
-            d = json.loads(raw)
+        d = tomllib.loads(raw.decode()) if suffix == ".toml" else json.loads(raw)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"config file {path!r} is malformed: {e}") from e
+        raise ConfigError("config", f"file {path!r} is malformed: {e}") from None
     if not isinstance(d, dict):
-        raise ValueError(f"config file {path!r} must hold a table of keys, got {type(d)}")
+        raise ConfigError("config", f"file {path!r} must hold a table of keys, got "
+                          f"{type(d).__name__}")
+    if "train" in d and isinstance(d["train"], dict):
+        beside = sorted(set(d) - {"train"})
+        if beside:
+            raise ConfigError("config", f"file {path!r}: keys {beside} sit beside the [train] "
+                              "table and would be ignored; move them into it")
+        d = d["train"]
+    d = rename_deprecated(d, "key", path)
     unknown = sorted(set(d) - set(FIELDS))
     if unknown:
-        raise ValueError(f"config file {path!r}: unknown key(s) {unknown}")
+        raise ConfigError("config", f"file {path!r}: unknown key(s) {unknown}; known keys: "
+                          f"{', '.join(sorted(FIELDS))}")
     return d
+
+
+def check_inputs(cfg: TrainConfig, *, resume: bool | None = False) -> None:
+    """Check the files a run of ``cfg`` reads, before loading any of them:
+
+    * ``model`` is set and is a checkpoint folder with a readable
+      ``config.json`` of a supported architecture, a weights file and
+      tokenizer vocabulary files; ``max_length`` fits the model's position
+      embeddings; a T5 checkpoint is not given a multiple-choice task;
+    * ``data_dir``, when set, holds the task's folder;
+    * ``output_dir`` is not a file; with ``resume=False`` it holds no
+      checkpoint (a fresh run never writes over one), with ``resume=True``
+      it holds one (``resume=None``: either, as ``compare`` continues
+      interrupted runs);
+    * ``devices`` are available.
+
+    Raises :class:`ConfigError`, ``FileNotFoundError``, ``FileExistsError``,
+    :class:`~kfac_jax_peft.models.loading.CheckpointError` or
+    :class:`~kfac_jax_peft.data.DataError`, each naming its key or file.
+    """
+    from kfac_jax_peft import data as D
+    from kfac_jax_peft.models import loading
+
+    if cfg.model is None:
+        raise ConfigError("model", "is required: a Hugging Face checkpoint folder "
+                          "(config.json, model.safetensors and the tokenizer files)")
+    if not os.path.isdir(cfg.model):
+        raise FileNotFoundError(f"model: checkpoint folder {cfg.model!r} does not exist")
+    raw = loading.read_config(cfg.model)
+    model_type = loading.check_model_type(raw, loading.SUPPORTED_ENCODERS + ("t5", "mt5"))
+    loading.weights_file(cfg.model)
+    loading.check_tokenizer_files(cfg.model)
+    check_max_length(cfg, raw)
+    spec = D.get_task(cfg.task)
+    if model_type in ("t5", "mt5") and spec.kind == "multiple_choice":
+        raise ConfigError("task", f"{cfg.task!r} is multiple choice; the T5 encoder head "
+                          "supports classification and regression only")
+    if cfg.data_dir is not None:
+        D.find_task_folder(spec, cfg.data_dir)
+    _check_output_dir(cfg.output_dir, resume)
+    if cfg.devices > 1:
+        import jax
+
+        if cfg.devices > jax.local_device_count():
+            raise ConfigError("devices", f"must be at most the {jax.local_device_count()} "
+                              f"local devices, got {cfg.devices}")
+
+
+def check_max_length(cfg: TrainConfig, model_config: Mapping[str, Any]) -> None:
+    """``max_length`` must fit the position embeddings of the checkpoint
+    whose ``config.json`` is ``model_config`` (beyond them, positions would
+    be clamped to the last row without an error)."""
+    from kfac_jax_peft.models.loading import max_positions
+
+    limit = max_positions(model_config)
+    if limit is not None and cfg.max_length > limit:
+        raise ConfigError("max_length", f"must be at most {limit}, the positions of the "
+                          f"{model_config.get('model_type')} checkpoint {cfg.model!r}, got "
+                          f"{cfg.max_length}")
+
+
+def has_checkpoint(run_dir: str) -> bool:
+    """Whether ``run_dir`` holds a finished checkpoint (orbax names each
+    step's folder by its number; one being written has a temporary suffix)."""
+    folder = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(folder) and any(
+        name.isdigit() and os.path.isdir(os.path.join(folder, name))
+        for name in os.listdir(folder))
+
+
+def _check_output_dir(path: str, resume: bool | None) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError("output_dir", f"must be a folder, got the file {path!r}")
+    if resume is False and has_checkpoint(path):
+        raise FileExistsError(f"output_dir {path!r} already holds a run's checkpoints: pass "
+                              "--resume (resume=True) to continue it, or choose another "
+                              "output_dir")
+    if resume is True and not has_checkpoint(path):
+        raise FileNotFoundError(f"resume: no checkpoint in output_dir {path!r}")

@@ -24,11 +24,12 @@ import jax.numpy as jnp
 import optax
 
 from kfac_jax_peft.data import TaskSpec
-from kfac_jax_peft.finetune.config import TrainConfig
+from kfac_jax_peft.finetune.config import ConfigError, TrainConfig, check_max_length
 from kfac_jax_peft.models import loading
 from kfac_jax_peft.models import roberta as rb
 from kfac_jax_peft.models import t5 as t5m
 from kfac_jax_peft.peft import AdapterConfig, LoRAConfig
+from kfac_jax_peft.peft.lora import lora_matches
 
 Array = jax.Array
 
@@ -93,11 +94,43 @@ def build_task_model(cfg: TrainConfig, spec: TaskSpec) -> tuple[TaskModel, dict]
         raise ValueError("no model: set model to a Hugging Face checkpoint folder "
                          "(config.json, model.safetensors and the tokenizer files)")
     raw = loading.read_config(cfg.model)
-    model_type = raw.get("model_type")
-    if model_type in ("t5", "mt5"):
-        return _build_t5(cfg, spec)
-    loading.check_model_type(raw, loading.SUPPORTED_ENCODERS)
-    return _build_encoder(cfg, spec, raw)
+    check_max_length(cfg, raw)
+    if raw.get("model_type") in ("t5", "mt5"):
+        model, variables = _build_t5(cfg, spec)
+    else:
+        loading.check_model_type(raw, loading.SUPPORTED_ENCODERS)
+        model, variables = _build_encoder(cfg, spec, raw)
+    check_lora_targets(cfg, variables["params"], model.architecture)
+    return model, variables
+
+
+def _module_paths(params) -> list[tuple[str, ...]]:
+    """Paths of the dense layers of a params tree (modules with a kernel)."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    paths = {tuple(str(getattr(k, "key", k)) for k in path[:-1]) for path, _ in flat
+             if str(getattr(path[-1], "key", "")) == "kernel"}
+    return sorted(paths)
+
+
+def check_lora_targets(cfg: TrainConfig, params, architecture: str) -> None:
+    """With LoRA, every pattern of ``cfg.lora_targets`` must have put LoRA on
+    at least one layer: a pattern matching nothing would train the head
+    alone (or fewer layers than asked) without a word. The error names the
+    patterns and lists layer names the model has."""
+    if cfg.peft != "lora":
+        return
+    lora, _ = peft_configs(cfg, architecture)
+    layers = [p[:-1] for p in _module_paths(params) if p[-1] == "lora_A"]
+    unmatched = [user for user, pattern in zip(cfg.lora_targets, lora.targets)
+                 if not any(lora_matches(dataclasses.replace(lora, targets=(pattern,)), path)
+                            for path in layers)]
+    if unmatched:
+        dense = [p for p in _module_paths(params) if p[-1] not in ("lora_A", "lora_B")
+                 and "classifier" not in p]
+        names = sorted({p[-1] for p in dense})
+        raise ConfigError("lora_targets", f"must match layers of the model; {unmatched} match "
+                          f"none. Layer names: {', '.join(names)} (full paths such as "
+                          f"{'/'.join(dense[0]) if dense else '-'!r} match as patterns)")
 
 
 def _build_encoder(cfg: TrainConfig, spec: TaskSpec, raw: dict) -> tuple[TaskModel, dict]:

@@ -45,28 +45,91 @@ class CheckpointError(ValueError):
 
 
 def read_config(folder: str) -> dict[str, Any]:
-    """The ``config.json`` of a checkpoint folder as a dict."""
+    """The ``config.json`` of a checkpoint folder as a dict; a missing,
+    malformed or non-object file is a :class:`CheckpointError` naming it."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"no config.json in checkpoint folder {folder!r}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object of settings, got "
+                              f"{type(config).__name__}")
+    return config
 
 
-def load_tokenizer(folder: str):
+def max_positions(config: Mapping[str, Any]) -> int | None:
+    """The longest sequence the checkpoint's position embeddings cover
+    (RoBERTa's first ``pad_token_id + 1`` rows are reserved: positions start
+    after the pad id), or None for T5 (relative positions, no limit)."""
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_ENCODERS:
+        return None
+    rows = int(config.get("max_position_embeddings", 512))
+    if model_type == "roberta":
+        return rows - int(config.get("pad_token_id", 1)) - 1
+    return rows
+
+
+#: Files that hold a tokenizer's vocabulary (fast tokenizer, WordPiece,
+#: byte-level BPE, SentencePiece).
+VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
+               "sentencepiece.bpe.model", "tokenizer.model")
+
+#: How many rows an embedding table may have beyond the tokenizer's
+#: vocabulary: checkpoints pad it to a round size (T5: 32100 tokens, 32128
+#: rows; mT5: 250100 and 250112); a gap this large means another tokenizer.
+VOCAB_PADDING = 256
+
+
+def check_tokenizer_files(folder: str) -> None:
+    """A :class:`CheckpointError` unless ``folder`` holds a vocabulary file:
+    without one transformers builds a tokenizer of the special tokens alone,
+    and every word becomes ``[UNK]``."""
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in VOCAB_FILES):
+        raise CheckpointError(f"no tokenizer vocabulary in checkpoint folder {folder!r}: "
+                              f"expected one of {', '.join(VOCAB_FILES)} (save the "
+                              "tokenizer next to the model)")
+
+
+def check_vocabulary(num_tokens: int, vocab_size: int | None, folder: str) -> None:
+    """The tokenizer's ``num_tokens`` must fit the model's embedding table of
+    ``vocab_size`` rows: not larger (ids past the table), and not more than
+    :data:`VOCAB_PADDING` smaller (a different tokenizer)."""
+    if vocab_size is None:
+        return
+    if num_tokens > vocab_size or vocab_size - num_tokens > VOCAB_PADDING:
+        raise CheckpointError(f"the tokenizer in {folder!r} has {num_tokens} tokens but the "
+                              f"model's vocab_size is {vocab_size} (config.json): they do not "
+                              "belong together")
+
+
+def load_tokenizer(folder: str | None):
     """The Hugging Face tokenizer saved in a checkpoint folder, loaded offline
-    (``local_files_only``) through ``transformers.AutoTokenizer``."""
+    (``local_files_only``) through ``transformers.AutoTokenizer``, after
+    checking that the folder holds vocabulary files and that the tokenizer
+    fits the model's ``vocab_size`` (:func:`check_vocabulary`)."""
     try:
         import transformers
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("loading a tokenizer needs transformers: pip install "
                           "'kfac_jax_peft[hf]'") from e
+    if folder is None:
+        raise CheckpointError("no checkpoint folder given (model is None): set model to a "
+                              "Hugging Face checkpoint folder")
     if not os.path.isdir(folder):
         raise CheckpointError(f"tokenizer folder {folder!r} does not exist")
+    check_tokenizer_files(folder)
     try:
-        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"no usable tokenizer in {folder!r}: {e}") from e
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        check_vocabulary(len(tokenizer), read_config(folder).get("vocab_size"), folder)
+    return tokenizer
 
 
 def check_model_type(config: Mapping[str, Any], supported: Sequence[str]) -> str:
@@ -79,19 +142,24 @@ def check_model_type(config: Mapping[str, Any], supported: Sequence[str]) -> str
 
 
 def _read_safetensors(path: str) -> StateDict:
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     try:
-        return load_file(path)
-    except (TypeError, KeyError, ValueError):
-        # numpy has no bfloat16: read through the Flax backend instead
-        from safetensors import safe_open
+        try:
+            return load_file(path)
+        except (TypeError, KeyError, ValueError):
+            # numpy has no bfloat16: read through the Flax backend instead
+            from safetensors import safe_open
 
-        out = {}
-        with safe_open(path, framework="flax") as f:
-            for k in f.keys():
-                out[k] = np.asarray(f.get_tensor(k))
-        return out
+            out = {}
+            with safe_open(path, framework="flax") as f:
+                for k in f.keys():
+                    out[k] = np.asarray(f.get_tensor(k))
+            return out
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file, truncated or "
+                              f"corrupt? ({type(e).__name__}: {e})") from None
 
 
 def _read_torch_bin(path: str) -> StateDict:
@@ -100,28 +168,64 @@ def _read_torch_bin(path: str) -> StateDict:
     except ImportError as e:
         raise CheckpointError(f"{path!r} is a PyTorch checkpoint and torch is not installed; "
                               "convert it to model.safetensors") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises pickle, zip and runtime errors alike
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
+                              f"({type(e).__name__}: {e})") from None
     return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
             for k, v in state.items()}
 
 
-def load_state_dict(folder: str) -> StateDict:
-    """All tensors of a checkpoint folder as numpy arrays, by their HF names."""
-    single = os.path.join(folder, "model.safetensors")
-    index = os.path.join(folder, "model.safetensors.index.json")
-    torch_bin = os.path.join(folder, "pytorch_model.bin")
-    if os.path.isfile(single):
-        return _read_safetensors(single)
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        state: StateDict = {}
-        for shard in shards:
-            state.update(_read_safetensors(os.path.join(folder, shard)))
-        return state
-    if os.path.isfile(torch_bin):
-        return _read_torch_bin(torch_bin)
+def weights_file(folder: str) -> str:
+    """The weights file of a checkpoint folder (``model.safetensors``, the
+    sharded index, or ``pytorch_model.bin``, in that order of preference)."""
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
     raise CheckpointError(f"no model.safetensors or pytorch_model.bin in {folder!r}")
+
+
+def _shards(index: str) -> list[str]:
+    try:
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index (a JSON object with a "
+                              f"'weight_map'): {type(e).__name__}: {e}") from None
+    return [os.path.join(os.path.dirname(index), name) for name in names]
+
+
+def check_finite(state: Mapping[str, np.ndarray], source: str) -> None:
+    """A :class:`CheckpointError` naming the tensors of ``state`` that hold
+    NaN or infinity (a model would train on them without complaint)."""
+    bad = [name for name, value in state.items()
+           if np.issubdtype(np.asarray(value).dtype, np.inexact)
+           and not np.isfinite(np.asarray(value, np.float32)).all()]
+    if bad:
+        shown = ", ".join(sorted(bad)[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5
+                                               else "")
+        raise CheckpointError(f"{source}: tensor(s) {shown} hold NaN or infinite values")
+
+
+def load_state_dict(folder: str) -> StateDict:
+    """All tensors of a checkpoint folder as numpy arrays, by their HF names.
+    An unreadable file, a missing shard or a tensor holding NaN or infinity
+    is a :class:`CheckpointError` naming the file (and the tensor)."""
+    path = weights_file(folder)
+    if path.endswith(".index.json"):
+        state: StateDict = {}
+        for shard in _shards(path):
+            if not os.path.isfile(shard):
+                raise CheckpointError(f"{path}: shard {os.path.basename(shard)!r} is missing")
+            part = _read_safetensors(shard)
+            check_finite(part, shard)
+            state.update(part)
+        return state
+    state = _read_safetensors(path) if path.endswith(".safetensors") else _read_torch_bin(path)
+    check_finite(state, path)
+    return state
 
 
 # --------------------------------------------------------------------------- mapping
