@@ -110,7 +110,23 @@ def _config(args):
     flags = rename_deprecated({k: v for k, v in vars(args).items()
                                if k in FIELDS or k in RENAMED}, "flag")
     args.file_keys = set(from_file) - set(flags)
-    return from_mapping({**from_file, **flags}, source=args.config or "flags")
+    given = {**from_file, **flags}
+    return from_mapping({**_stored(args, given), **given}, source=args.config or "flags")
+
+
+def _stored(args, given: dict) -> dict:
+    """With ``--resume``, the run's own ``config.json`` gives the defaults, so
+    that ``--resume --output-dir DIR`` continues the run as it was configured
+    (and ``--steps N`` extends it); flags that change anything else are then
+    refused by the trainer, naming them."""
+    if not getattr(args, "resume", False):
+        return {}
+    from kfac_jax_peft.finetune.checkpoint import stored_config
+    from kfac_jax_peft.finetune.config import FIELDS
+
+    out = given.get("output_dir", FIELDS["output_dir"].default)
+    stored = stored_config(out) if out else None
+    return {k: v for k, v in (stored or {}).items() if k in FIELDS}
 
 
 def _where(key: str, args) -> str:

@@ -66,7 +66,7 @@ def _preconditioner(cfg: TrainConfig, axis_name, input_groups):
 
         make = {"ef": fisher.ef_precondition, "ief": fisher.ief_precondition,
                 "sf": fisher.sampled_fisher_precondition}[cfg.optimizer]
-        return make(cfg.fisher_damping, damping_scale=cfg.fisher_damping_mode)
+        return make(cfg.fisher_damping, damping_scale=cfg.fisher_damping_scale)
     return kfac_precondition(cfg.damping, decay=cfg.decay, invert_every=cfg.invert_every,
                              damping_mode=cfg.damping_mode, axis_name=axis_name,
                              input_groups=input_groups if cfg.share_input_factors else None)

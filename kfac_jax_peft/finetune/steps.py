@@ -87,7 +87,7 @@ def step_kind(cfg: TrainConfig, step: int, uses_stats: bool) -> str:
     choice, so that each kind is its own compiled trace."""
     if cfg.optimizer in PER_SAMPLE:
         return "sample"
-    return "stats" if uses_stats and step % cfg.stats_interval == 0 else "plain"
+    return "stats" if uses_stats and step % cfg.stats_every == 0 else "plain"
 
 
 def all_finite(tree) -> jax.Array:

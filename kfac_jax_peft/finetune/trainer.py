@@ -57,7 +57,7 @@ from kfac_jax_peft import curves
 from kfac_jax_peft import data as D
 from kfac_jax_peft.clipping import clip_stats
 from kfac_jax_peft.finetune import checkpoint as C
-from kfac_jax_peft.finetune.config import PER_SAMPLE, TrainConfig
+from kfac_jax_peft.finetune.config import PER_SAMPLE, TrainConfig, check_inputs
 from kfac_jax_peft.finetune.devices import Placement, num_devices
 from kfac_jax_peft.finetune.logs import MetricsLog, Stopwatch
 from kfac_jax_peft.finetune.model import build_task_model
@@ -143,6 +143,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, data: Data | None = None,
     checkpointing) once this step is reached, without the final test
     evaluation; used to test resumption.
     """
+    check_inputs(cfg, resume=resume)  # the files, before anything is loaded
     extension = C.check_resume(cfg) if resume else {}
     if resume and not extension and C.finished_result(cfg.output_dir) is not None:
         return _stored_result(cfg)
