@@ -58,7 +58,8 @@ def test_spsa_loss_is_the_mean_of_the_two_evaluations():
     loss, params, _ = _quadratic()
     key = jax.random.PRNGKey(3)
     value, _ = zo.spsa_value_and_grad(loss, eps=0.1)(params, key)
-    z = jax.random.normal(zo.directions.leaf_keys(key, params)[0], (D,))
+    # direction i is drawn from fold_in(rng, i), one key per leaf
+    z = jax.random.normal(zo.directions.leaf_keys(jax.random.fold_in(key, 0), params)[0], (D,))
     expected = 0.5 * (loss({"w": params["w"] + 0.1 * z}) + loss({"w": params["w"] - 0.1 * z}))
     assert float(value) == pytest.approx(float(expected), rel=1e-5)
 
@@ -314,3 +315,19 @@ def test_bad_settings_are_refused():
         zo.hizoo_init({"w": jnp.ones(2)}, sigma=0.0)
     with pytest.raises(ValueError, match="layer_1/w"):
         zo.split_by_label({"layer_1": {"w": jnp.ones(2)}}, {"layer_1": {"w": "first"}})
+
+
+def test_estimates_keep_parameter_dtypes_under_jit():
+    params = {"a": jnp.ones((3, 2), jnp.bfloat16), "b": jnp.ones(4, jnp.float32)}
+    loss = lambda p, s: s * (jnp.sum(p["a"].astype(jnp.float32) ** 2) + jnp.sum(p["b"] ** 2))
+    key = jax.random.PRNGKey(0)
+    value, g = jax.jit(zo.spsa_value_and_grad(loss, eps=1e-2, num_directions=3))(params, 1.0, key)
+    assert g["a"].dtype == jnp.bfloat16 and g["b"].dtype == jnp.float32
+    assert np.isfinite(float(value))
+    value, g, state = jax.jit(zo.hizoo_value_and_grad(loss, eps=1e-2))(
+        params, zo.hizoo_init(params), 1.0, key)
+    assert g["a"].dtype == jnp.bfloat16 and state.sigma["a"].dtype == jnp.float32
+    assert float(value) == pytest.approx(10.0)
+    _, g = jax.jit(zo.loho_value_and_grad(loss, {"a": "zo", "b": "fo"}))(params, 1.0, key)
+    np.testing.assert_allclose(g["b"], 2 * np.ones(4))
+    assert g["a"].dtype == jnp.bfloat16

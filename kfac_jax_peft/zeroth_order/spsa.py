@@ -49,8 +49,9 @@ activations. MeZO's "no extra memory beyond inference" holds only up to
 those parameter-sized buffers: for LoRA, whose trainable tree is small
 next to the activations, the estimate is far cheaper; for full
 fine-tuning of a small model at a small batch it is not. The n-SPSA loop
-doubles-buffers its accumulator carry and the per-direction keys, about
-ten parameter-sized buffers; HiZOO adds ``Sigma^{1/2}`` and its update.
+keeps about ten parameter-sized buffers (its carried accumulator besides
+the draws), the same for n = 4 and n = 16; HiZOO (:mod:`.hizoo`) about six
+(``Sigma^{1/2}`` and the draws of its update).
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ def two_point_losses(value_fn: Callable[[Any], jax.Array], params: Any, key: jax
                      eps: float, scale: Any = None) -> tuple[jax.Array, jax.Array]:
     """``(L(theta + eps s z), L(theta - eps s z))`` with ``z`` from ``key`` and
     ``s = scale`` (1 when None), by two forward passes on one perturbed copy."""
+    # A key computed in the program (fold_in) otherwise lets XLA fuse the
+    # draw with the key's derivation and keep two more parameter-sized
+    # buffers; the barrier makes the key an opaque value.
+    key = jax.lax.optimization_barrier(key)
     shifted = perturb(params, key, eps, scale)
     l_plus = value_fn(shifted)
     # The barrier orders the second draw of z after the first pass.
@@ -97,9 +102,7 @@ def spsa_estimate(value_fn: Callable[[Any], jax.Array], params: Any, rng: jax.Ar
     parameters alone; the estimate has the parameters' dtypes."""
 
     def direction(i):
-        # With one direction the key is rng itself: deriving it (fold_in)
-        # made XLA's CPU compilation keep two more parameter-sized buffers.
-        key = rng if num_directions == 1 else jax.random.fold_in(rng, i)
+        key = jax.random.fold_in(rng, i)
         l_plus, l_minus = two_point_losses(value_fn, params, key, eps)
         proj = (l_plus - l_minus).astype(jnp.float32) / (2.0 * eps)
         return key, proj / num_directions, l_minus, (l_plus + l_minus).astype(jnp.float32)
@@ -130,8 +133,7 @@ def spsa_value_and_grad(loss_fn: Callable[..., jax.Array], eps: float = 1e-3,
       loss_fn: ``loss_fn(params, *args) -> scalar``.
       eps: the perturbation size (MeZO and LoHO use ``1e-3``); must be > 0.
       num_directions: ``n`` of n-SPSA, >= 1; the estimates of ``n`` directions
-        (keys ``jax.random.fold_in(rng, i)``;
-        ``rng`` itself when ``n = 1``) are averaged in a loop, so memory
+        (keys ``jax.random.fold_in(rng, i)``) are averaged in a loop, so memory
         does not grow with ``n``.
 
     Returns:
