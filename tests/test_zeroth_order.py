@@ -282,8 +282,10 @@ def test_loho_differentiates_only_the_first_order_leaves():
     assert dots(zo.inter_layer_labels(1)) == 7
     # First layer first-order: dh and dW0 = 2 (layer_1's dW1 not formed).
     assert dots(zo.inter_layer_labels(1, fo_layers="first")) == 8
-    # All first-order would be 2 + 3 (dW1, dh, dW0) with no SPSA pass.
-    assert dots(zo.inter_layer_labels(2)) == 5 + 4
+    # All first-order: 2 + 3 (dW1, dh, dW0) and no SPSA pass; all
+    # zeroth-order: the two SPSA passes and no backward pass.
+    assert dots(zo.inter_layer_labels(2)) == 5
+    assert dots(zo.inter_layer_labels(0)) == 4
 
 
 def test_bad_settings_are_refused():
@@ -331,3 +333,14 @@ def test_estimates_keep_parameter_dtypes_under_jit():
     _, g = jax.jit(zo.loho_value_and_grad(loss, {"a": "zo", "b": "fo"}))(params, 1.0, key)
     np.testing.assert_allclose(g["b"], 2 * np.ones(4))
     assert g["a"].dtype == jnp.bfloat16
+
+
+def test_loho_with_no_first_order_layer_is_mezo():
+    loss, params, x, y = _mlp(width=16, batch=32)
+    key = jax.random.PRNGKey(6)
+    value, g = jax.jit(zo.loho_value_and_grad(loss, zo.inter_layer_labels(0), eps=0.1))(
+        params, x, y, key)
+    ref_value, ref = jax.jit(zo.spsa_value_and_grad(loss, eps=0.1))(params, x, y, key)
+    assert float(value) == pytest.approx(float(ref_value), rel=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5)

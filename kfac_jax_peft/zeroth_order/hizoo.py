@@ -124,7 +124,9 @@ def hizoo_value_and_grad(loss_fn: Callable[..., jax.Array], eps: float = 1e-3,
         proj = (l_plus - l_minus).astype(jnp.float32) / (2.0 * eps)
         grad = jax.tree_util.tree_map(lambda g, x: g.astype(jnp.result_type(x)),
                                       scaled_direction(params, key, proj, scale), params)
-        sigma = update_sigma(state.sigma, key, l_plus + l_minus - 2.0 * loss, eps,
+        second = (l_plus.astype(jnp.float32) + l_minus.astype(jnp.float32)
+                  - 2.0 * loss.astype(jnp.float32))
+        sigma = update_sigma(state.sigma, key, second, eps,
                              hessian_smooth, sigma_bounds)
         return loss, grad, HiZOOState(count=state.count + 1, sigma=sigma)
 

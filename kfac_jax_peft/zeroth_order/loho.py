@@ -174,7 +174,8 @@ def loho_value_and_grad(loss_fn: Callable[..., jax.Array], labels: Any, eps: flo
 
     Returns:
       ``value_and_grad(params, *args, rng) -> (loss, grads)``; ``loss`` is
-      ``L(theta)`` from the first-order pass; the SPSA part uses ``rng``
+      ``L(theta)`` from the first-order pass (with no ``"fo"`` leaf, the mean
+      of the SPSA evaluations, as in :func:`spsa_value_and_grad`); the SPSA part uses ``rng``
       exactly as ``spsa_value_and_grad`` does on the ``"zo"`` subtree (the
       ``"zo"`` half of :func:`split_by_label`), so the two agree for a key.
     """
@@ -186,9 +187,14 @@ def loho_value_and_grad(loss_fn: Callable[..., jax.Array], labels: Any, eps: flo
             raise TypeError("value_and_grad(params, *args, rng): the PRNG key comes last")
         *args, rng = args
         fo, zo = split_by_label(params, labels)
+        # An empty part costs no pass: all "zo" is MeZO, all "fo" backprop.
+        if not jax.tree_util.tree_leaves(zo):
+            return jax.value_and_grad(lambda f: loss_fn(merge_labels(f, zo), *args))(fo)
+        zo_value, zo_grad = spsa_estimate(lambda z: loss_fn(merge_labels(fo, z), *args), zo,
+                                          rng, eps, num_directions)
+        if not jax.tree_util.tree_leaves(fo):
+            return zo_value, merge_labels(fo, zo_grad)
         loss, fo_grad = jax.value_and_grad(lambda f: loss_fn(merge_labels(f, zo), *args))(fo)
-        _, zo_grad = spsa_estimate(lambda z: loss_fn(merge_labels(fo, z), *args), zo, rng,
-                                   eps, num_directions)
         return loss, merge_labels(fo_grad, zo_grad)
 
     return value_and_grad
