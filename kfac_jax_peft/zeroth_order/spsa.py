@@ -42,16 +42,17 @@ two-layer tanh MLP; ``temp`` excludes arguments and outputs)::
       jax.value_and_grad                          1.07 MB      8.39 MB
     MLP 64-256-4 (0.07 MB), batch 1024: n = 1 0.21 MB, value_and_grad 2.10 MB
 
-So the zeroth-order estimate costs about three parameter-sized buffers
-(the random bits, the direction drawn from them, the perturbed copy) and
-nothing that grows with the batch, while ``value_and_grad`` keeps the
-activations. MeZO's "no extra memory beyond inference" holds only up to
-those parameter-sized buffers: for LoRA, whose trainable tree is small
-next to the activations, the estimate is far cheaper; for full
-fine-tuning of a small model at a small batch it is not. The n-SPSA loop
-keeps about ten parameter-sized buffers (its carried accumulator besides
-the draws), the same for n = 4 and n = 16; HiZOO (:mod:`.hizoo`) about six
-(``Sigma^{1/2}`` and the draws of its update).
+So the zeroth-order estimate costs three parameter-sized buffers (4.89 MB
+is exactly 3 x 1.63 MB; presumably the random bits, the direction drawn
+from them and the perturbed copy) and nothing that grows with the batch,
+while ``value_and_grad`` keeps the activations. MeZO's "no extra memory
+beyond inference" holds only up to those parameter-sized buffers: for
+LoRA, whose trainable tree is small next to the activations, the estimate
+is far cheaper; for full fine-tuning of a small model at a small batch it
+is not. The n-SPSA loop keeps about ten parameter-sized buffers (its
+carried accumulator besides the draws), the same for n = 4 and n = 16;
+HiZOO (:mod:`.hizoo`) about six (``Sigma^{1/2}`` and the draws of its
+update).
 """
 
 from __future__ import annotations
