@@ -12,6 +12,12 @@ Each is a pure, jittable ``value_and_grad``-like function whose gradient
   on the ``"zo"`` leaves, labelled by :func:`inter_layer_labels` or
   :func:`intra_layer_labels`; :func:`loho` is the matching
   ``optax.partition``.
+
+They are gradient sources rather than ``GradientTransformation``s: a
+transformation is handed ``updates`` it would have to ignore, whereas a
+``value_and_grad``-like function slots in where ``jax.value_and_grad`` was,
+in front of any optax chain (HiZOO's ``Sigma`` is returned as its own
+state, a NamedTuple to keep beside the optimizer state).
 """
 
 from kfac_jax_peft.zeroth_order.hizoo import HiZOOState, hizoo_init, hizoo_value_and_grad

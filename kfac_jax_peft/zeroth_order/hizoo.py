@@ -16,13 +16,15 @@ the estimate and moving average of HiZOO's reference code::
     D_t   = (1 - alpha) D_{t-1} + alpha D_hat,   i.e.
     Sigma_t = Sigma_{t-1} / ((1 - alpha) + alpha |l_+ + l_- - 2 l_0| / (2 eps^2) z^2)
 
-``alpha`` is ``hessian_smooth``: HiZOO's experiments use constant schedules
-between ``1e-6`` and ``1e-12`` (``1e-8`` the usual; our default), a tiny
-step because one direction's estimate is very noisy. The absolute value
-keeps ``Sigma`` positive. The source's only guard against a degenerate
-``Sigma`` is ``1e-12`` added to ``D^{1/2}`` (which bounds ``Sigma^{1/2}`` by
-``1e12``); here ``Sigma`` is clipped into ``sigma_bounds`` (default
-``(1e-10, 1e10)``), configurable.
+``alpha`` is ``hessian_smooth``. The HiZOO summary we follow gives the
+formulas but no constants; HiZOO's reference code schedules ``alpha`` as a
+constant chosen among ``0, 1e-2, 1e-4, ..., 1e-12`` (``1e-8`` where none is
+named; our default), a tiny step because one direction's estimate is very
+noisy. The absolute value keeps ``Sigma`` positive. The reference code's
+only guard against a degenerate ``Sigma`` is ``1e-12`` added to
+``D^{1/2}`` (which bounds ``Sigma^{1/2}`` by ``1e12``); here ``Sigma`` is
+clipped into ``sigma_bounds`` (default ``(1e-10, 1e10)``, our choice),
+configurable.
 
 What it converges to. On a quadratic with diagonal ``H = diag(h)`` in ``d``
 parameters, ``l_+ + l_- - 2 l_0 = eps^2 sum_j (h_j / D_j) z_j^2`` exactly,
