@@ -45,7 +45,7 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     cfg = TrainConfig(task="rte", model=make_tiny_bert(str(root / "tiny-bert")),
                       data_dir=make_rte_folder(str(root / "glue")), max_length=32,
-                      batch_size=8, steps=8, eval_every=3, save_every=2, log_every=1,
+                      batch_size=8, steps=8, eval_every=3, checkpoint_every=2, log_every=1,
                       invert_every=2, learning_rate=0.05, damping=1e-2, dropout=0.1,
                       progress=False, precompile=False, output_dir=str(root / "full"))
     data = load_data(cfg)

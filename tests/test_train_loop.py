@@ -69,7 +69,7 @@ def test_non_finite_parameters_are_never_checkpointed_evaluated_or_logged(
     # step and an evaluation step: the step that first has non-finite
     # parameters must stop the run before either
     cfg = _cfg(folders, tmp_path / "nan", learning_rate=1e30, clip="none", warmup_ratio=0.0,
-               steps=10, save_every=1, eval_every=1, log_every=5)
+               steps=10, checkpoint_every=1, eval_every=1, log_every=5)
     with pytest.raises(FloatingPointError, match="is intact") as err:
         train(cfg, data=data)
     intact = int(re.search(r"The last checkpoint, step (\d+), is intact", str(err.value))[1])
@@ -88,7 +88,7 @@ def test_non_finite_parameters_are_never_checkpointed_evaluated_or_logged(
         train(cfg, data=data, resume=True)
     assert _latest_checkpoint(cfg.output_dir)[0] == intact
     # before the first checkpoint: nothing is saved, and the message says so
-    early = cfg.replace(output_dir=str(tmp_path / "early"), save_every=5, eval_every=5,
+    early = cfg.replace(output_dir=str(tmp_path / "early"), checkpoint_every=5, eval_every=5,
                         log_every=1)
     with pytest.raises(FloatingPointError, match="No checkpoint was written"):
         train(early, data=data)
