@@ -17,6 +17,11 @@ The public API:
 * the paper's optimizer: :func:`kfac`;
 * :class:`KFACTrainState`: Flax's ``TrainState`` whose ``apply_gradients``
   takes ``kfac_stats``.
+
+Subpackages: :mod:`kfac_jax_peft.fisher` (exact EF/iEF/sampled-Fisher
+preconditioners, diagnostics), :mod:`kfac_jax_peft.zeroth_order` (SPSA/MeZO,
+HiZOO, LoHO gradient sources), :mod:`kfac_jax_peft.models`,
+:mod:`kfac_jax_peft.peft`, :mod:`kfac_jax_peft.finetune`.
 """
 
 from kfac_jax_peft.capture import (

@@ -11,13 +11,13 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from kfac_jax_peft.models.loading import (
-    ENCODER_TABLE,
-    HEAD_TABLES,
     CheckpointError,
     assign,
     load_state_dict,
 )
 from kfac_jax_peft.models.roberta import (
+    ENCODER_TABLE,
+    HEAD_TABLES,
     RobertaClassifier,
     RobertaConfig,
     from_pretrained,
@@ -176,3 +176,12 @@ def test_sharded_safetensors_are_read(tmp_path, reference):
     (tmp_path / "config.json").write_text(json.dumps(HF_CONFIG))
     _, v = from_pretrained(str(tmp_path))
     assert_same_base(v["params"], reference)
+
+
+def test_roberta_tables_sit_beside_the_model_and_still_resolve_from_loading():
+    from kfac_jax_peft.models import loading, roberta
+
+    assert loading.ENCODER_TABLE is roberta.ENCODER_TABLE
+    assert loading.load_encoder_params is roberta.load_encoder_params
+    with pytest.raises(AttributeError, match="no attribute 'NOPE'"):
+        loading.NOPE  # noqa: B018

@@ -8,8 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-from kfac_jax_peft import metrics
 from kfac_jax_peft.data import TASKS, get_task
+from kfac_jax_peft.finetune import metrics
 
 
 def test_accuracy():

@@ -44,7 +44,7 @@ class TaskSpec:
         (GLUE: tab-separated ``.tsv``; SuperGLUE: ``train.jsonl``/``val.jsonl``).
       kind: ``"classification"``, ``"regression"`` or ``"multiple_choice"``.
       num_labels: head outputs per encoded sequence (see the module docstring).
-      metrics: metric names understood by :mod:`kfac_jax_peft.metrics`.
+      metrics: metric names understood by :mod:`kfac_jax_peft.finetune.metrics`.
       main_metric: one of ``metrics`` or ``"mean"`` (mean of all ``metrics``).
       hub: ``(path, config)`` for ``datasets.load_dataset``.
       folder: the conventional local folder name (``"SST-2"``, ``"RTE"``).

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from kfac_jax_peft import data as D
-from kfac_jax_peft import metrics as M
+from kfac_jax_peft.finetune import metrics as M
 from kfac_jax_peft.finetune.config import TrainConfig
 from kfac_jax_peft.models.loading import load_tokenizer
 

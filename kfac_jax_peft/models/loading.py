@@ -358,71 +358,15 @@ def strip_prefixes(state_dict: Mapping[str, Any], prefixes: Sequence[str]) -> St
     return out
 
 
-# --------------------------------------------------------------------------- RoBERTa / BERT
+#: The RoBERTa/BERT name tables live beside their model
+#: (:mod:`kfac_jax_peft.models.roberta`), as T5's do; these names still resolve here.
+_MOVED = ("ENCODER_TABLE", "HEAD_TABLES", "ENCODER_IGNORE", "normalise_encoder_names",
+          "load_encoder_params")
 
 
-def _linear(src: str, dst: str) -> list[Row]:
-    return [(f"{src}.weight", f"{dst}/kernel", "T"), (f"{src}.bias", f"{dst}/bias", None)]
+def __getattr__(name: str):
+    if name in _MOVED:
+        from kfac_jax_peft.models import roberta
 
-
-def _norm(src: str, dst: str) -> list[Row]:
-    return [(f"{src}.weight", f"{dst}/scale", None), (f"{src}.bias", f"{dst}/bias", None)]
-
-
-_L, _F = "encoder.layer.{i}", "encoder/layer_{i}"
-
-#: HF RoBERTa/BERT encoder names (after stripping "roberta."/"bert.") -> flax paths
-ENCODER_TABLE: list[Row] = [
-    ("embeddings.word_embeddings.weight", "encoder/embeddings/word_embeddings/embedding", None),
-    ("embeddings.position_embeddings.weight",
-     "encoder/embeddings/position_embeddings/embedding", None),
-    ("embeddings.token_type_embeddings.weight",
-     "encoder/embeddings/token_type_embeddings/embedding", None),
-    *_norm("embeddings.LayerNorm", "encoder/embeddings/LayerNorm"),
-    *_linear(f"{_L}.attention.self.query", f"{_F}/attention/query"),
-    *_linear(f"{_L}.attention.self.key", f"{_F}/attention/key"),
-    *_linear(f"{_L}.attention.self.value", f"{_F}/attention/value"),
-    *_linear(f"{_L}.attention.output.dense", f"{_F}/attention/output"),
-    *_norm(f"{_L}.attention.output.LayerNorm", f"{_F}/attention_norm"),
-    *_linear(f"{_L}.intermediate.dense", f"{_F}/intermediate"),
-    *_linear(f"{_L}.output.dense", f"{_F}/output"),
-    *_norm(f"{_L}.output.LayerNorm", f"{_F}/output_norm"),
-]
-
-#: task heads: RoBERTa's classification head; BERT's pooler + linear classifier
-HEAD_TABLES: dict[str, list[Row]] = {
-    "roberta": [*_linear("classifier.dense", "classifier/dense"),
-                *_linear("classifier.out_proj", "classifier/out_proj")],
-    "bert": [*_linear("pooler.dense", "classifier/dense"),
-             *_linear("classifier", "classifier/out_proj")],
-}
-
-#: checkpoint names that are not part of an encoder classifier
-ENCODER_IGNORE: dict[str, tuple[str, ...]] = {
-    "roberta": ("*position_ids", "lm_head.*", "pooler.*"),
-    "bert": ("*position_ids", "cls.*"),
-}
-
-
-def normalise_encoder_names(state_dict: Mapping[str, Any]) -> StateDict:
-    """Strip the ``roberta.``/``bert.`` prefix and rename legacy LayerNorm
-    ``gamma``/``beta`` to ``weight``/``bias``."""
-    out = {}
-    for name, value in strip_prefixes(state_dict, ("roberta.", "bert.")).items():
-        name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name)
-        name = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
-        out[name] = value
-    return out
-
-
-def load_encoder_params(params_template: Mapping, state_dict: Mapping[str, Any],
-                        model_type: str, source: str = "checkpoint") -> dict:
-    """Fill a RoBERTa/BERT classifier template from a HF state dict. PEFT
-    modules and the ``classifier`` head may be absent (they keep their
-    initial values, as Hugging Face does for a new task head)."""
-    if model_type not in SUPPORTED_ENCODERS:
-        raise CheckpointError(f"unsupported model_type {model_type!r}; supported model "
-                              f"types: {', '.join(SUPPORTED_ENCODERS)}")
-    return assign(params_template, ENCODER_TABLE + HEAD_TABLES[model_type],
-                  normalise_encoder_names(state_dict), ignore=ENCODER_IGNORE[model_type],
-                  optional=PEFT_PATHS + ("classifier/*",), source=source)
+        return getattr(roberta, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

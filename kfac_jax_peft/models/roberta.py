@@ -1,7 +1,7 @@
 """RoBERTa/BERT encoders (Flax linen) with LoRA and bottleneck adapters.
 
 Layout follows Hugging Face so checkpoints load through one name table
-(:data:`kfac_jax_peft.models.loading.ENCODER_TABLE`)::
+(:data:`ENCODER_TABLE`, at the end of this module)::
 
     encoder/embeddings/{word,position,token_type}_embeddings, LayerNorm
     encoder/layer_{i}/attention/{query,key,value,output}     PEFTDense
@@ -25,6 +25,7 @@ RoBERTa position ids are ``cumsum(m) * m + pad_token_id`` with
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,11 +35,16 @@ import jax.numpy as jnp
 
 from kfac_jax_peft.capture import KFACDense
 from kfac_jax_peft.models.loading import (
+    PEFT_PATHS,
     SUPPORTED_ENCODERS,
+    CheckpointError,
+    Row,
+    StateDict,
+    assign,
     check_model_type,
-    load_encoder_params,
     load_state_dict,
     read_config,
+    strip_prefixes,
 )
 from kfac_jax_peft.peft import ACTIVATIONS, Adapter, AdapterConfig, LoRAConfig, PEFTDense
 from kfac_jax_peft.peft.adapters import adapter_sites
@@ -305,3 +311,73 @@ def from_pretrained(path: str, lora: LoRAConfig | None = None,
                                  source=f"checkpoint {path!r}")
     variables["params"] = jax.tree_util.tree_map(jnp.asarray, params)
     return module, variables
+
+
+# --------------------------------------------------------------------------- checkpoint names
+
+
+def _linear(src: str, dst: str) -> list[Row]:
+    return [(f"{src}.weight", f"{dst}/kernel", "T"), (f"{src}.bias", f"{dst}/bias", None)]
+
+
+def _norm(src: str, dst: str) -> list[Row]:
+    return [(f"{src}.weight", f"{dst}/scale", None), (f"{src}.bias", f"{dst}/bias", None)]
+
+
+_L, _F = "encoder.layer.{i}", "encoder/layer_{i}"
+
+#: HF RoBERTa/BERT encoder names (after stripping "roberta."/"bert.") -> flax paths
+ENCODER_TABLE: list[Row] = [
+    ("embeddings.word_embeddings.weight", "encoder/embeddings/word_embeddings/embedding", None),
+    ("embeddings.position_embeddings.weight",
+     "encoder/embeddings/position_embeddings/embedding", None),
+    ("embeddings.token_type_embeddings.weight",
+     "encoder/embeddings/token_type_embeddings/embedding", None),
+    *_norm("embeddings.LayerNorm", "encoder/embeddings/LayerNorm"),
+    *_linear(f"{_L}.attention.self.query", f"{_F}/attention/query"),
+    *_linear(f"{_L}.attention.self.key", f"{_F}/attention/key"),
+    *_linear(f"{_L}.attention.self.value", f"{_F}/attention/value"),
+    *_linear(f"{_L}.attention.output.dense", f"{_F}/attention/output"),
+    *_norm(f"{_L}.attention.output.LayerNorm", f"{_F}/attention_norm"),
+    *_linear(f"{_L}.intermediate.dense", f"{_F}/intermediate"),
+    *_linear(f"{_L}.output.dense", f"{_F}/output"),
+    *_norm(f"{_L}.output.LayerNorm", f"{_F}/output_norm"),
+]
+
+#: task heads: RoBERTa's classification head; BERT's pooler + linear classifier
+HEAD_TABLES: dict[str, list[Row]] = {
+    "roberta": [*_linear("classifier.dense", "classifier/dense"),
+                *_linear("classifier.out_proj", "classifier/out_proj")],
+    "bert": [*_linear("pooler.dense", "classifier/dense"),
+             *_linear("classifier", "classifier/out_proj")],
+}
+
+#: checkpoint names that are not part of an encoder classifier
+ENCODER_IGNORE: dict[str, tuple[str, ...]] = {
+    "roberta": ("*position_ids", "lm_head.*", "pooler.*"),
+    "bert": ("*position_ids", "cls.*"),
+}
+
+
+def normalise_encoder_names(state_dict: Mapping[str, Any]) -> StateDict:
+    """Strip the ``roberta.``/``bert.`` prefix and rename legacy LayerNorm
+    ``gamma``/``beta`` to ``weight``/``bias``."""
+    out = {}
+    for name, value in strip_prefixes(state_dict, ("roberta.", "bert.")).items():
+        name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name)
+        name = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
+        out[name] = value
+    return out
+
+
+def load_encoder_params(params_template: Mapping, state_dict: Mapping[str, Any],
+                        model_type: str, source: str = "checkpoint") -> dict:
+    """Fill a RoBERTa/BERT classifier template from a HF state dict. PEFT
+    modules and the ``classifier`` head may be absent (they keep their
+    initial values, as Hugging Face does for a new task head)."""
+    if model_type not in SUPPORTED_ENCODERS:
+        raise CheckpointError(f"unsupported model_type {model_type!r}; supported model "
+                              f"types: {', '.join(SUPPORTED_ENCODERS)}")
+    return assign(params_template, ENCODER_TABLE + HEAD_TABLES[model_type],
+                  normalise_encoder_names(state_dict), ignore=ENCODER_IGNORE[model_type],
+                  optional=PEFT_PATHS + ("classifier/*",), source=source)
