@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -294,6 +295,18 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; {_again(args)}", file=sys.stderr)
         raise SystemExit(130) from None
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        # checkpoints are written atomically: the last complete one is kept
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"{prog}: error: no space left on the device{where}; free some space, then "
+              f"{_again(args)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+#: ``errno`` values of a full disk or an exhausted quota.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 if __name__ == "__main__":

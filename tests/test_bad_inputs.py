@@ -344,6 +344,33 @@ def test_cli_interrupt_says_how_to_continue_and_bugs_keep_their_traceback(monkey
         main(["compare", "--model", "m"])
 
 
+def test_cli_full_disk_is_one_line(monkeypatch, capsys):
+    """A full disk (ENOSPC) while a run writes is one line naming the file and
+    how to continue; other OS errors keep their traceback."""
+    import errno
+
+    from kfac_jax_peft.finetune import compare as compare_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/cmp/adamw/seed0/ckpt")
+
+    monkeypatch.setattr(compare_module, "compare", full)
+    with pytest.raises(SystemExit) as info:
+        main(["compare", "--model", "m"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "no space left on the device writing runs/cmp/adamw/seed0/ckpt" in err
+    assert "run the same command again" in err
+
+    def other(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(compare_module, "compare", other)
+    with pytest.raises(OSError, match="Input/output"):
+        main(["compare", "--model", "m"])
+
+
 # --------------------------------------------------------------------------- config files
 
 # (file name, text, text the error must hold)
