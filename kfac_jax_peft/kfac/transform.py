@@ -211,40 +211,20 @@ def kfac_precondition(
       Approximate Curvature", 2015; Eschenhagen et al., "Kronecker-Factored
       Approximate Curvature for Modern Neural Network Architectures", 2023.
     """
-    H.check_choice("damping_mode", damping_mode, I.DAMPING_MODES)
-    H.check_choice("inverse_method", inverse_method, I.INVERSE_METHODS)
-    H.check_scalar("damping", damping, low=0.0)
-    H.check_scalar("decay", decay, low=0.0, high=1.0, high_open=True)
-    H.check_positive_int("invert_every", invert_every)
-    H.check_scalar("ns_tolerance", ns_tolerance, low=0.0, low_open=True)
+    _check_settings(damping, decay, invert_every, damping_mode, inverse_method, ns_tolerance,
+                    store_factors)
     if inverse_method == "newton_schulz":
         ns_iterations = int(H.check_positive_int("ns_iterations", ns_iterations))
-    store_factors = bool(store_factors)
-    if not store_factors and (damping_mode != "exact" or _concrete_ne(invert_every, 1)):
-        raise ValueError("store_factors=False needs damping_mode='exact' and invert_every=1 "
-                         f"(got {damping_mode!r} and {invert_every}): the moving average is "
-                         "recovered from the eigendecomposition of the last step")
     strict = bool(strict)
     cfg = _Config(exact=damping_mode == "exact", method=inverse_method,
-                  dtype=H.check_factor_dtype(factor_dtype), store=store_factors,
+                  dtype=H.check_factor_dtype(factor_dtype), store=bool(store_factors),
                   layer_filter=layer_filter or default_layer_filter,
                   groups=group_fn(input_groups))
 
     def init_fn(params):
         H.check_schedule_start("damping", damping, low=0.0)
         H.check_schedule_start("decay", decay, low=0.0, high=1.0, high_open=True)
-        specs = register(params, cfg.layer_filter, cfg.groups)
-        if not specs:
-            _complain(strict, "kfac_precondition registered no layer among the "
-                      f"{len(jax.tree_util.tree_leaves(params))} leaves of the parameters "
-                      "(see layer_filter): every update passes through unchanged")
-        factors = {k: S.init_factor(d, cfg.dtype, store=cfg.store, exact=cfg.exact)
-                   for k, d in factor_sizes(specs).items()}
-        layers = {p: S.init_layer(s, cfg.dtype, exact=cfg.exact, method=cfg.method)
-                  for p, s in specs.items()}
-        return KFACState(count=jnp.zeros((), jnp.int32),
-                         last_inversion=-jnp.ones((), jnp.int32),
-                         num_inversions=jnp.zeros((), jnp.int32), factors=factors, layers=layers)
+        return _init_state(cfg, params, strict)
 
     def update_fn(updates, state, params=None, *, kfac_stats=None, **extra_args):
         del params, extra_args
@@ -267,6 +247,35 @@ def kfac_precondition(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _check_settings(damping, decay, invert_every, damping_mode, inverse_method, ns_tolerance,
+                    store_factors) -> None:
+    """Refuse, by name, the settings that make no sense (module doc)."""
+    H.check_choice("damping_mode", damping_mode, I.DAMPING_MODES)
+    H.check_choice("inverse_method", inverse_method, I.INVERSE_METHODS)
+    H.check_scalar("damping", damping, low=0.0)
+    H.check_scalar("decay", decay, low=0.0, high=1.0, high_open=True)
+    H.check_positive_int("invert_every", invert_every)
+    H.check_scalar("ns_tolerance", ns_tolerance, low=0.0, low_open=True)
+    if not store_factors and (damping_mode != "exact" or _concrete_ne(invert_every, 1)):
+        raise ValueError("store_factors=False needs damping_mode='exact' and invert_every=1 "
+                         f"(got {damping_mode!r} and {invert_every}): the moving average is "
+                         "recovered from the eigendecomposition of the last step")
+
+
+def _init_state(cfg: _Config, params, strict: bool) -> KFACState:
+    specs = register(params, cfg.layer_filter, cfg.groups)
+    if not specs:
+        _complain(strict, "kfac_precondition registered no layer among the "
+                  f"{len(jax.tree_util.tree_leaves(params))} leaves of the parameters "
+                  "(see layer_filter): every update passes through unchanged")
+    factors = {k: S.init_factor(d, cfg.dtype, store=cfg.store, exact=cfg.exact)
+               for k, d in factor_sizes(specs).items()}
+    layers = {p: S.init_layer(s, cfg.dtype, exact=cfg.exact, method=cfg.method)
+              for p, s in specs.items()}
+    return KFACState(count=jnp.zeros((), jnp.int32), last_inversion=-jnp.ones((), jnp.int32),
+                     num_inversions=jnp.zeros((), jnp.int32), factors=factors, layers=layers)
+
+
 def _concrete_ne(value, target) -> bool:
     return not isinstance(value, jax.core.Tracer) and int(value) != target
 
@@ -276,8 +285,8 @@ def _kernel_of(name: str) -> str:
     return re.sub(r"\[\d+\]$", "", name)
 
 
-def _layer_grad_finite(updates, spec) -> jax.Array:
-    w, b = S.layer_leaves(flatten(updates), spec)
+def _layer_grad_finite(flat, spec) -> jax.Array:
+    w, b = S.layer_leaves(flat, spec)
     ok = jnp.all(jnp.isfinite(w))
     return ok if b is None else ok & jnp.all(jnp.isfinite(b))
 
@@ -319,7 +328,8 @@ def _statistics_step(cfg: _Config, specs, state: KFACState, updates, kfac_stats,
         return state
     # a layer whose gradient is not finite keeps its factors (on every device
     # alike: the count of bad devices is summed with the statistics)
-    bad = {p: (~_layer_grad_finite(updates, specs[p])).astype(jnp.int32) for p in matched}
+    flat = flatten(updates)
+    bad = {p: (~_layer_grad_finite(flat, specs[p])).astype(jnp.int32) for p in matched}
     if axis_name is not None:
         matched, bad = jax.lax.psum((matched, bad), axis_name)
     stats = S.factor_statistics(specs, matched, cfg.dtype, {p: b == 0 for p, b in bad.items()})
