@@ -12,8 +12,8 @@ Commands:
   from the run folder's checkpoint.
 * ``compare``: the same, for several arms (``adamw``, ``kfac-none``,
   ``kfac-pre``, ``kfac-post``, ``sophia``) and seeds; prints the comparison
-  table. Run
-  again, it reads finished runs back and continues interrupted ones.
+  table. Run again, it reads finished runs back and continues interrupted
+  ones.
 * ``plot``: plot run folders (loss against step and wall-clock, validation
   metric, clip rate, Sophia's clipped fraction).
 
