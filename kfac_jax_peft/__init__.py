@@ -14,6 +14,8 @@ The public API:
   registered layers and what they received), :func:`clip_stats`;
 * :func:`multi_steps`: ``optax.MultiSteps`` that sums the micro-batches'
   K-FAC statistics;
+* :func:`nys_newton_cg`: NysNewton-CG (Nystrom-preconditioned damped
+  Newton-CG with an Armijo line search; the loss is an extra argument);
 * the paper's optimizer: :func:`kfac`;
 * :class:`KFACTrainState`: Flax's ``TrainState`` whose ``apply_gradients``
   takes ``kfac_stats``.
@@ -51,6 +53,7 @@ from kfac_jax_peft.kfac import (
 )
 from kfac_jax_peft.kfac.layers import captured_layers
 from kfac_jax_peft.linen import intercept_dense
+from kfac_jax_peft.nncg import NysNewtonCGState, nys_newton_cg
 from kfac_jax_peft.nnx_capture import KFACProbe, add_probes, intercept_nnx, nnx_value_and_grad
 from kfac_jax_peft.optimizers import kfac
 from kfac_jax_peft.train_state import KFACTrainState
@@ -82,6 +85,8 @@ __all__ = [
     "kfac_state",
     "multi_steps",
     "nnx_value_and_grad",
+    "nys_newton_cg",
+    "NysNewtonCGState",
     "kfac_value_and_grad",
     "layer_stats",
     "zeros_stats",

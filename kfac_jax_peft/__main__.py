@@ -11,10 +11,11 @@ Commands:
   (JSON or TOML) sets defaults that flags override; ``--resume`` continues
   from the run folder's checkpoint.
 * ``compare``: the same, for several arms (``adamw``, ``kfac-none``,
-  ``kfac-pre``, ``kfac-post``) and seeds; prints the comparison table. Run
-  again, it reads finished runs back and continues interrupted ones.
+  ``kfac-pre``, ``kfac-post``, ``sophia``) and seeds; prints the comparison
+  table. Run again, it reads finished runs back and continues interrupted
+  ones.
 * ``plot``: plot run folders (loss against step and wall-clock, validation
-  metric, clip rate).
+  metric, clip rate, Sophia's clipped fraction).
 
 A user error (a bad flag or config value, a missing or malformed file) ends
 the command with one line naming the flag, key or file, and exit status 2;

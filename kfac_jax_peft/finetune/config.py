@@ -31,9 +31,11 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-OPTIMIZERS = ("adamw", "kfac", "sgd", "ef", "ief", "sf")
+OPTIMIZERS = ("adamw", "kfac", "sgd", "ef", "ief", "sf", "sophia")
 #: Optimizers whose step needs per-sample gradients (kfac_jax_peft.fisher).
 PER_SAMPLE = ("ef", "ief", "sf")
+#: Optimizers whose update takes the step's loss as a function (``obj_fn``).
+TAKES_OBJECTIVE = ("sophia",)
 CLIP_MODES = ("post", "pre", "none")
 PEFT_METHODS = ("lora", "houlsby", "pfeiffer", "head")
 DAMPING_MODES = ("exact", "factored")
@@ -45,6 +47,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "kfac-none": {"optimizer": "kfac", "clip": "none"},
     "kfac-pre": {"optimizer": "kfac", "clip": "pre"},
     "kfac-post": {"optimizer": "kfac", "clip": "post"},
+    # Sophia's own per-coordinate clip, nothing else (finetune/sophia.py)
+    "sophia": {"optimizer": "sophia", "clip": "none"},
 }
 
 #: Deprecated key -> its new name (read until the next release).
@@ -111,6 +115,20 @@ class TrainConfig:
     step's direction relative to SGD's (< 1: closer to the natural gradient;
     K-FAC's curvature as it stands before the step) on the step's batch, and
     the per-sample gradient-norm imbalance.
+    ``"sophia"``: ``optax.contrib.sophia`` (:mod:`kfac_jax_peft.finetune.sophia`),
+    the step ``-lr * clip(m_hat / max(sophia_gamma * h, sophia_eps), 1)``
+    per coordinate, with ``m`` the gradient's moving average (decay
+    ``sophia_b1``) and ``h`` a moving average (decay ``sophia_b2``) of
+    Hutchinson's Hessian-diagonal estimate, refreshed every
+    ``sophia_hessian_every`` steps; the learning rate is the largest step of
+    any coordinate (a LoRA run wants AdamW's learning rate, not K-FAC's).
+    Sophia clips per coordinate itself: ``clip`` is ``"pre"`` (gradient
+    clipping before it) or ``"none"``, never ``"post"``. Defaults: the
+    paper's ``b1 = 0.965``, ``gamma = 0.01``, ``k = 10``; ``b2 = 0.95``
+    rather than the paper's 0.99, because its Hessian average has no bias
+    correction and a fine-tuning run of ~1000 steps has ~100 estimates
+    (with 0.99, ``h`` would still be 10% of its value after 100 steps and
+    most coordinates would take clipped, signSGD-like steps).
 
     Loop: ``eval_every`` steps (the paper: 200) evaluate on validation; the
     best validation checkpoint is evaluated on test at the end.
@@ -157,6 +175,11 @@ class TrainConfig:
     fisher_damping_scale: str = "absolute"
     num_samples: int = 1
     log_gamma: bool = False
+    sophia_b1: float = 0.965
+    sophia_b2: float = 0.95
+    sophia_gamma: float = 0.01
+    sophia_eps: float = 1e-8
+    sophia_hessian_every: int = 10
     steps: int = 1000
     eval_every: int = 200
     checkpoint_every: int | None = None
@@ -276,6 +299,11 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "stats_every": (_at_least(1), "an integer >= 1, or unset (invert_every)"),
     "fisher_damping": (_positive, "a number > 0"),
     "num_samples": (_at_least(1), "an integer >= 1"),
+    "sophia_b1": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "sophia_b2": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "sophia_gamma": (_positive, "a number > 0"),
+    "sophia_eps": (_positive, "a number > 0 (the floor of gamma * h)"),
+    "sophia_hessian_every": (_at_least(1), "an integer >= 1"),
     "steps": (_at_least(1), "an integer >= 1"),
     "eval_every": (_at_least(1), "an integer >= 1"),
     "checkpoint_every": (_at_least(1), "an integer >= 1, or unset (eval_every)"),
@@ -348,7 +376,7 @@ def validate(cfg: TrainConfig) -> None:
       ``dropout``, ``decay``, ``warmup_ratio`` in [0, 1); counts >= 1;
     * the choices (task, peft, optimizer, clip, damping_mode,
       fisher_damping_scale);
-    * the rules across keys: AdamW takes no post-clipping; the per-sample
+    * the rules across keys: AdamW and Sophia take no post-clipping; the per-sample
       optimizers and ``log_gamma`` run on one device; a multi-device batch
       splits evenly.
 
@@ -385,6 +413,7 @@ def _validate_across(cfg: TrainConfig) -> None:
     if cfg.optimizer == "adamw" and cfg.clip == "post":
         raise ConfigError("clip", "must be 'pre' or 'none' with optimizer 'adamw', got 'post' "
                           "(post-clipping is K-FAC's Newton-step clipping)")
+    _validate_sophia(cfg)
     if cfg.devices > 1:
         if cfg.optimizer in PER_SAMPLE or cfg.log_gamma:
             raise ConfigError("devices", f"must be 1 with optimizer {cfg.optimizer!r} or "
@@ -395,6 +424,15 @@ def _validate_across(cfg: TrainConfig) -> None:
             if value % cfg.devices:
                 raise ConfigError(key, f"must be divisible by devices={cfg.devices}, "
                                   f"got {value}")
+
+
+def _validate_sophia(cfg: TrainConfig) -> None:
+    """Sophia clips each coordinate of its step itself; a norm clip after it
+    (``clip="post"``) would be a second, different clip of the same step."""
+    if cfg.optimizer == "sophia" and cfg.clip == "post":
+        raise ConfigError("clip", "must be 'pre' or 'none' with optimizer 'sophia', got "
+                          "'post' (Sophia clips each coordinate of its step itself; "
+                          "post-clipping is K-FAC's Newton-step clipping)")
 
 
 # --------------------------------------------------------------------------- reading

@@ -3,7 +3,9 @@
 Records have a ``"kind"``: ``"train"`` (``step``, ``loss``, ``lr``,
 ``clip_rate``, ``update_norm``, ``wall_clock``: seconds of training so far
 as a :class:`Stopwatch` counts them, compilation, evaluation, diagnostics
-and checkpointing excluded), ``"eval"`` (``step``, ``split``,
+and checkpointing excluded; with Sophia also ``clip_fraction``, the
+fraction of coordinates its per-coordinate clip cut at the log step),
+``"eval"`` (``step``, ``split``,
 ``wall_clock`` and the task's metrics), ``"summary"``, and the loop's
 ``"start"``, ``"compile"``, ``"resume"`` and ``"error"`` records. Each line
 is flushed as written, so an interrupted run keeps everything it logged;

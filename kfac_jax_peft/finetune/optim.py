@@ -32,6 +32,7 @@ def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None, input_gro
 
         adamw: [clip(max_norm)] -> adamw(schedule, weight_decay)
         sgd:   [clip(max_norm)] -> decay -> -schedule
+        sophia: [clip(max_norm)] -> optax.contrib.sophia(schedule, weight_decay)
         ef, ief, sf: like kfac, with the exact Woodbury preconditioner
         kfac:  post: kfac_precondition -> clip(max_norm) -> decay -> -schedule
                pre:  clip(max_norm) -> kfac_precondition -> decay -> -schedule
@@ -39,7 +40,9 @@ def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None, input_gro
 
     The clip is placed by :func:`kfac_jax_peft.clipping.clipped` (its state
     records the clip rate). For SGD, ``"post"`` and ``"pre"`` both clip the
-    gradient (there is no preconditioner); ``"post"`` is refused for AdamW.
+    gradient (there is no preconditioner); ``"post"`` is refused for AdamW
+    and Sophia (which clips each coordinate itself). Sophia's ``update``
+    needs the extra argument ``obj_fn`` (:mod:`kfac_jax_peft.finetune.sophia`).
     ``axis_name`` is the data-parallel axis of a pmapped step;
     ``input_groups`` is passed to ``kfac_precondition`` when
     ``cfg.share_input_factors``.
@@ -53,6 +56,8 @@ def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None, input_gro
                              "'none'; post-clipping is K-FAC's Newton-step clipping")
         return optax.chain(clipped(optax.identity(), cfg.clip, cfg.max_norm),
                            optax.adamw(lr, weight_decay=cfg.weight_decay, mask=decay_mask))
+    if cfg.optimizer == "sophia":
+        return _sophia_chain(cfg, lr, axis_name)
     if cfg.optimizer == "sgd":
         return optax.chain(clipped(optax.identity(), cfg.clip, cfg.max_norm), *tail)
     return optax.chain(clipped(_preconditioner(cfg, axis_name, input_groups), cfg.clip,
@@ -70,3 +75,15 @@ def _preconditioner(cfg: TrainConfig, axis_name, input_groups):
     return kfac_precondition(cfg.damping, decay=cfg.decay, invert_every=cfg.invert_every,
                              damping_mode=cfg.damping_mode, axis_name=axis_name,
                              input_groups=input_groups if cfg.share_input_factors else None)
+
+
+def _sophia_chain(cfg: TrainConfig, lr: optax.Schedule, axis_name: str | None
+                  ) -> optax.GradientTransformationExtraArgs:
+    """``[clip(max_norm)] -> optax.contrib.sophia``; ``clip="post"`` is refused."""
+    from kfac_jax_peft.finetune.sophia import sophia_arm
+
+    if cfg.clip == "post":
+        raise ValueError("optimizer='sophia' supports clip='pre' (gradient clipping) or "
+                         "'none'; Sophia clips each coordinate of its step itself")
+    return optax.chain(clipped(optax.identity(), cfg.clip, cfg.max_norm),
+                       sophia_arm(cfg, lr, decay_mask, axis_name))

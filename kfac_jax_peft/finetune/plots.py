@@ -3,7 +3,8 @@
 :func:`plot_runs` draws, for every run, the training loss against step and
 against wall-clock seconds, the validation metric against step, and the
 clip rate (fraction of steps whose update was clipped, per logging window)
-against step: the panels of the paper's Fig. 4, 5 and 10.
+against step: the panels of the paper's Fig. 4, 5 and 10; for Sophia runs,
+also the fraction of coordinates its per-coordinate clip cut.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def _pyplot():
 def plot_curves(curves: Mapping[str, Mapping[str, Sequence]], out: str, *,
                 title: str | None = None) -> str:
     """Plot curves given in memory: ``{label: {"step": [...], "loss": [...],
-    optional "wall_clock", "clip_rate", "eval_step", "eval_metric"}}``.
+    optional "wall_clock", "clip_rate", "clip_fraction", "eval_step",
+    "eval_metric"}}``.
     Panels without data are omitted. Returns ``out``."""
     plt = _pyplot()
     panels = [("loss", "step", "training loss", "step")]
@@ -36,6 +38,8 @@ def plot_curves(curves: Mapping[str, Mapping[str, Sequence]], out: str, *,
         panels.append(("eval_metric", "eval_step", "validation metric", "step"))
     if any(v is not None for c in curves.values() for v in c.get("clip_rate", ())):
         panels.append(("clip_rate", "step", "clip rate", "step"))
+    if any(v is not None for c in curves.values() for v in c.get("clip_fraction", ())):
+        panels.append(("clip_fraction", "step", "coordinates clipped (Sophia)", "step"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (ykey, xkey, ylabel, xlabel) in zip(axes[0], panels):
         for label, c in curves.items():
@@ -69,6 +73,7 @@ def run_curves(run_dir: str) -> dict[str, list]:
         "loss": [r["loss"] for r in train],
         "wall_clock": [r["wall_clock"] for r in train],
         "clip_rate": [r.get("clip_rate") for r in train],
+        "clip_fraction": [r.get("clip_fraction") for r in train],
         "eval_step": [r["step"] for r in evals],
         "eval_metric": [r["main"] for r in evals],
     }

@@ -8,7 +8,10 @@ whatever the optimizer; what differs between optimizers is which of the
   the chain (``kfac_stats=``); the transformation folds them into its
   factors and re-inverts when ``invert_every`` statistics calls have passed;
 * ``"plain"``: gradients only (any optax chain; K-FAC uses its stored
-  inverse), the step of every step that is not a statistics step;
+  inverse), the step of every step that is not a statistics step; with
+  ``objective=True`` (Sophia) the chain also gets ``obj_fn``, the step's
+  loss as a function of the trainable parameters (same batch, same dropout
+  key), for its Hessian-vector products;
 * ``"sample"``: the exact Fisher-family updates (EF, iEF, SF) fed with
   per-sample gradients; deterministic (no dropout), one device.
 
@@ -99,10 +102,11 @@ def all_finite(tree) -> jax.Array:
 
 def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
                axis_name: str | None = None, per_sample: str | None = None,
-               num_samples: int = 1) -> Steps:
+               num_samples: int = 1, objective: bool = False) -> Steps:
     """The step functions of a run, un-jitted. ``per_sample`` (``"ef" |
     "ief" | "sf"``) adds the ``"sample"`` kind; ``num_samples`` is SF's
-    number of sampled labels per example."""
+    number of sampled labels per example; ``objective``: pass ``obj_fn``
+    (:func:`_objective`) to the chain."""
     def loss_fn(trainable, frozen, probes, batch, rng):
         logits = model.logits(merge_trainable(trainable, frozen), probes, batch, rng)
         return model.loss(logits, batch)
@@ -130,7 +134,8 @@ def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
     def plain_step(state, fixed, batch):
         loss, grads = jax.value_and_grad(loss_fn)(state.trainable, fixed.frozen, None, batch,
                                                   step_rng(state))
-        return apply(state, loss, grads)
+        extra = _objective(loss_fn, fixed, batch, step_rng(state)) if objective else {}
+        return apply(state, loss, grads, **extra)
 
     def sample_step(state, fixed, batch):
         loss, grads, extras = per_sample_fn(per_sample)(state.trainable, fixed.frozen, batch,
@@ -144,7 +149,17 @@ def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
     train = {"stats": stats_step, "plain": plain_step}
     if per_sample:
         train = {"sample": sample_step}
-    return Steps(train, eval_step, _make_diagnose(model, tx, per_sample, per_sample_fn))
+    diagnose = _make_diagnose(model, tx, per_sample, per_sample_fn,
+                              loss_fn if objective else None)
+    return Steps(train, eval_step, diagnose)
+
+
+def _objective(loss_fn: Callable, fixed: Fixed, batch, rng) -> dict[str, Callable]:
+    """``{"obj_fn": f}`` with ``f(trainable)`` the loss of this step: the
+    same batch and dropout key as its gradient, no K-FAC probes (the extra
+    argument of ``optax.contrib.sophia``'s Hessian-diagonal estimator). On a
+    ``pmap`` axis it is this shard's loss; the estimator averages."""
+    return {"obj_fn": lambda trainable: loss_fn(trainable, fixed.frozen, None, batch, rng)}
 
 
 def _step_rng(state: TrainState, axis_name: str | None) -> jax.Array:
@@ -155,12 +170,15 @@ def _step_rng(state: TrainState, axis_name: str | None) -> jax.Array:
 
 
 def _make_diagnose(model: TaskModel, tx: optax.GradientTransformation,
-                   per_sample: str | None, per_sample_fn: Callable) -> Callable:
+                   per_sample: str | None, per_sample_fn: Callable,
+                   objective_loss: Callable | None = None) -> Callable:
     """``diagnose(state, fixed, batch) -> (gamma, imbalance)``: the gamma
     indicator of the direction the chain would take on ``batch``, relative
     to SGD's (:mod:`kfac_jax_peft.fisher`; the curvature is the Gauss-Newton
     matrix of the training loss, i.e. the Fisher for cross-entropy), and the
-    ratio of the largest to the smallest per-sample gradient norm."""
+    ratio of the largest to the smallest per-sample gradient norm.
+    ``objective_loss``: the steps' ``loss_fn``, when the chain takes
+    ``obj_fn`` (here without dropout, like the gradient)."""
     from kfac_jax_peft import fisher
 
     def diagnose(state, fixed, batch):
@@ -170,6 +188,9 @@ def _make_diagnose(model: TaskModel, tx: optax.GradientTransformation,
             step_extras = per_sample_fn("sf")(*args, rng=_step_rng(state, None))[2]
         else:
             step_extras = extras if per_sample else {}
+        if objective_loss is not None:
+            step_extras = {**step_extras,
+                           **_objective(objective_loss, fixed, batch, None)}
         direction, _ = tx.update(grads, state.opt_state, state.trainable, **step_extras)
         fvp = fisher.fisher_vector_product(_model_fn(model), *args,
                                            loss_fn=_example_loss(model))

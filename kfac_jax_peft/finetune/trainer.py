@@ -57,7 +57,12 @@ from kfac_jax_peft import curves
 from kfac_jax_peft import data as D
 from kfac_jax_peft.clipping import clip_stats
 from kfac_jax_peft.finetune import checkpoint as C
-from kfac_jax_peft.finetune.config import PER_SAMPLE, TrainConfig, check_inputs
+from kfac_jax_peft.finetune.config import (
+    PER_SAMPLE,
+    TAKES_OBJECTIVE,
+    TrainConfig,
+    check_inputs,
+)
 from kfac_jax_peft.finetune.devices import Placement, num_devices
 from kfac_jax_peft.finetune.logs import MetricsLog, Stopwatch
 from kfac_jax_peft.finetune.model import build_task_model
@@ -175,7 +180,8 @@ def _build(cfg: TrainConfig, data: Data, n: int) -> _Run:
     tx = build_optimizer(cfg, axis_name=place.axis_name, input_groups=model.input_groups)
     per_sample = cfg.optimizer if cfg.optimizer in PER_SAMPLE else None
     steps = make_steps(model, tx, axis_name=place.axis_name, per_sample=per_sample,
-                       num_samples=cfg.num_samples)
+                       num_samples=cfg.num_samples,
+                       objective=cfg.optimizer in TAKES_OBJECTIVE)
     probes = variables.get("kfac")
     uses_stats = cfg.optimizer == "kfac" and probes is not None
     return _Run(
@@ -292,7 +298,8 @@ def _log_train(run: _Run, state: TrainState, window: list, diag: dict, done: int
     # checkpointed, so that a resumed run logs the clip rates of an uninterrupted one
     run.meta.update(last_loss=mean_loss, clip_counts=(calls, clipped))
     run.log.write("train", step=done, loss=mean_loss, lr=lr, clip_rate=rate,
-                  update_norm=norm, wall_clock=wall, **diag)
+                  update_norm=norm, wall_clock=wall, **_clip_fraction(run.place, state),
+                  **diag)
     if run.bar is not None:
         run.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
                             clip="-" if rate is None else f"{rate:.2f}")
@@ -377,6 +384,16 @@ def _precompile(run: _Run, state: TrainState) -> float:
                 for step in run.train_steps.values()]
         jax.block_until_ready(outs)
     return time.perf_counter() - t0
+
+
+def _clip_fraction(place: Placement, state: TrainState) -> dict[str, float]:
+    """``{"clip_fraction": f}``: the fraction of coordinates Sophia clipped at
+    the last step (:mod:`kfac_jax_peft.finetune.sophia`); empty for other
+    optimizers."""
+    from kfac_jax_peft.finetune.sophia import clip_fraction
+
+    f = clip_fraction(state.opt_state)
+    return {} if f is None else {"clip_fraction": place.scalar(jax.device_get(f))}
 
 
 def _clip_counts(place: Placement, opt_state) -> tuple[int, int, float | None]:

@@ -1,0 +1,173 @@
+"""The Sophia arm of the pipeline: ``optax.contrib.scale_by_sophia`` with the
+run's settings, and the fraction of coordinates its clip cut.
+
+Sophia (Liu et al. 2023, Algorithm 3) keeps a momentum ``m_t`` of the
+gradients and, every ``k`` steps, a moving average ``h_t`` of a stochastic
+estimate of the Hessian diagonal, and steps by::
+
+    theta <- theta - eta_t * clip(m_hat_t / max(gamma * h_t, eps), 1)
+
+with ``m_hat_t = m_t / (1 - b1^t)`` and ``clip(x, 1) = max(-1, min(1, x))``
+per coordinate: a diagonal Newton step where the curvature is positive and
+large enough, a sign (signSGD) step of size ``eta_t`` elsewhere, so that
+negative or tiny curvature can never blow a coordinate up. The learning rate
+is therefore the largest step any coordinate takes. The Hessian diagonal
+estimate is Hutchinson's: ``u * (H u)`` with ``u`` a Rademacher vector and
+``H u`` one Hessian-vector product (``jax.jvp`` of ``jax.grad`` of the
+step's loss), unbiased for ``diag(H)``.
+
+Nothing here re-implements Sophia: the arm is ``optax.contrib.sophia``
+(Sophia, decoupled weight decay, the learning rate) with its
+``hutchinson_estimator_diag_hessian``, fed with ``obj_fn``, the step's loss
+as a function of the trainable parameters (the same batch and dropout key
+as the gradient; :mod:`.steps` passes it). What is added:
+
+* :func:`sophia_arm`: the configured transformation; on several devices
+  (``axis_name``) the Hessian-diagonal estimate is averaged over the
+  devices (every device draws the same ``u``: the estimator's key is
+  replicated state), so the update equals the one-device update on the
+  global batch;
+* :func:`with_clip_fraction` / :func:`clip_fraction`: the fraction of
+  coordinates whose step Sophia clipped at the last call (optax computes
+  it only to print it), read from Sophia's state. The paper's "win rate"
+  is one minus it; its authors keep it between 0.1 and 0.5 by tuning
+  ``gamma`` (larger ``gamma``: more clipping).
+
+Sophia clips each coordinate itself, so the Newton-step clip of K-FAC
+(``clip="post"``, a clip of the preconditioned update's norm) has no place
+after it: the pipeline refuses it. ``clip="pre"`` clips the gradient's norm
+before it enters Sophia's momentum (the Sophia paper trains GPT-2 with it);
+``clip="none"`` leaves Sophia's own clip alone (the ``sophia`` arm).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax import contrib
+
+#: Sophia's per-coordinate clip. With the paper's ``clip(m / max(gamma h, eps), 1)``
+#: the threshold is 1 and the learning rate sets the largest step.
+CLIP_THRESHOLD = 1.0
+
+#: Folded into ``PRNGKey(seed)`` for the Hutchinson vectors, so that they are
+#: not the dropout keys (which fold in the step number).
+_HUTCHINSON_STREAM = 0x50F1A
+
+
+class ClipFractionState(NamedTuple):
+    """State of :func:`with_clip_fraction`.
+
+    Attributes:
+      count: number of ``update`` calls.
+      fraction: float32, the fraction of coordinates whose Sophia step was
+        clipped at the last call.
+      inner: the wrapped ``optax.contrib.sophia`` state.
+    """
+
+    count: jax.Array
+    fraction: jax.Array
+    inner: Any
+
+
+def _sophia_state(state) -> contrib.SophiaState:
+    is_state = lambda x: isinstance(x, contrib.SophiaState)  # noqa: E731
+    found = [s for s in jax.tree_util.tree_leaves(state, is_leaf=is_state) if is_state(s)]
+    if len(found) != 1:
+        raise ValueError(f"with_clip_fraction wraps a chain holding one Sophia state, found "
+                         f"{len(found)}")
+    return found[0]
+
+
+def clipped_fraction(before: contrib.SophiaState, after: contrib.SophiaState, *,
+                     b1, gamma, eps, threshold) -> jax.Array:
+    """The fraction of coordinates Sophia clipped in the step from state
+    ``before`` to state ``after``: the step was ``clip(r, threshold)`` with
+    ``r = (m_t / (1 - b1^t)) / max(gamma h, eps)``, ``m_t``, ``t`` of
+    ``after`` and ``h`` of ``before`` (the Hessian diagonal is refreshed
+    after the step), and a coordinate is clipped where ``|r| >= threshold``
+    (optax's win rate counts ``|r| < threshold``). Computed with optax's
+    own operations, so it agrees with the step coordinate for coordinate.
+    """
+    mu_hat = optax.tree.bias_correction(after.mu, b1, after.count)
+    ratio = jax.tree.map(lambda m, h: m / jnp.maximum(gamma * h, eps), mu_hat, before.nu)
+    leaves = jax.tree_util.tree_leaves(ratio)
+    at = sum(jnp.sum(jnp.abs(r) >= threshold, dtype=jnp.int32) for r in leaves)
+    return (at / max(sum(r.size for r in leaves), 1)).astype(jnp.float32)
+
+
+def with_clip_fraction(sophia: optax.GradientTransformation, *, b1, gamma, eps,
+                       threshold) -> optax.GradientTransformationExtraArgs:
+    """``sophia`` (an ``optax.contrib.sophia`` made with ``b1``, ``gamma``,
+    ``eps``, ``clip_threshold=threshold``) recording, in a
+    :class:`ClipFractionState`, the fraction of coordinates it clipped at the
+    last call (:func:`clipped_fraction`). The updates pass through
+    unchanged."""
+    sophia = optax.with_extra_args_support(sophia)
+
+    def init_fn(params):
+        return ClipFractionState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32),
+                                 sophia.init(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        updates, inner = sophia.update(updates, state.inner, params, **extra_args)
+        fraction = clipped_fraction(_sophia_state(state.inner), _sophia_state(inner), b1=b1,
+                                    gamma=gamma, eps=eps, threshold=threshold)
+        return updates, ClipFractionState(optax.safe_increment(state.count), fraction, inner)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def clip_fraction(opt_state) -> jax.Array | None:
+    """The ``fraction`` of the first :class:`ClipFractionState` in an optimizer
+    state, or None (a chain without Sophia)."""
+    is_state = lambda x: isinstance(x, ClipFractionState)  # noqa: E731
+    for s in jax.tree_util.tree_leaves(opt_state, is_leaf=is_state):
+        if is_state(s):
+            return s.fraction
+    return None
+
+
+def _pmean_estimate(estimator: optax.GradientTransformation, axis_name: str
+                    ) -> optax.GradientTransformationExtraArgs:
+    """``estimator`` whose output (a Hessian-diagonal estimate) is averaged
+    over ``axis_name``: the Hessian of the global mean loss is the mean of
+    the devices' Hessians (equal shards), and ``u`` is the same on every
+    device, so ``mean_d u * (H_d u) = u * (H u)``."""
+    estimator = optax.with_extra_args_support(estimator)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        diag, state = estimator.update(updates, state, params, **extra_args)
+        return jax.lax.pmean(diag, axis_name), state
+
+    return optax.GradientTransformationExtraArgs(estimator.init, update_fn)
+
+
+def hutchinson_key(seed: int) -> jax.Array:
+    """The key of the Hutchinson vectors of a run of seed ``seed``."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), _HUTCHINSON_STREAM)
+
+
+def sophia_arm(cfg, learning_rate: optax.ScalarOrSchedule, weight_decay_mask=None,
+               axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
+    """``optax.contrib.sophia`` with ``cfg``'s ``sophia_b1``, ``sophia_b2``,
+    ``sophia_gamma``, ``sophia_eps``, ``sophia_hessian_every`` and
+    ``weight_decay`` (on ``weight_decay_mask``), the clip at
+    :data:`CLIP_THRESHOLD`, Hutchinson's estimator keyed by
+    :func:`hutchinson_key` (averaged over ``axis_name``), wrapped by
+    :func:`with_clip_fraction`. Its ``update`` needs ``params`` and the
+    extra argument ``obj_fn``.
+    """
+    estimator = contrib.hutchinson_estimator_diag_hessian(hutchinson_key(cfg.seed))
+    if axis_name is not None:
+        estimator = _pmean_estimate(estimator, axis_name)
+    tx = contrib.sophia(
+        learning_rate, b1=cfg.sophia_b1, b2=cfg.sophia_b2, eps=cfg.sophia_eps,
+        weight_decay=cfg.weight_decay, weight_decay_mask=weight_decay_mask,
+        gamma=cfg.sophia_gamma, clip_threshold=CLIP_THRESHOLD,
+        update_interval=cfg.sophia_hessian_every, hessian_diagonal_fn=estimator)
+    return with_clip_fraction(tx, b1=cfg.sophia_b1, gamma=cfg.sophia_gamma, eps=cfg.sophia_eps,
+                              threshold=CLIP_THRESHOLD)
