@@ -88,12 +88,14 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return order[:, :k], order[:, ::-1][:, :k]
 
 
-def example_gradients(loss_fn: Callable) -> Callable:
-    """``(params, batch) -> grads``, every leaf with the batch axis in front:
-    ``jax.vmap(jax.grad(loss_fn))`` over the leading axis of every leaf of
-    ``batch``, with ``loss_fn(params, example) -> scalar`` the loss of one
-    example (its leaves without the batch axis). Jitted."""
-    return jax.jit(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0)))
+def example_gradients(loss_fn: Callable, num_args: int = 0) -> Callable:
+    """``(params, batch, *args) -> grads``, every leaf with the batch axis in
+    front: ``jax.vmap(jax.grad(loss_fn))`` over the leading axis of every
+    leaf of ``batch``, with ``loss_fn(params, example, *args) -> scalar`` the
+    loss of one example (its leaves without the batch axis) and ``num_args``
+    arguments shared by all examples (e.g. frozen weights: passed, not baked
+    into the program as constants). Jitted."""
+    return jax.jit(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0) + (None,) * num_args))
 
 
 def _blocks(grads, specs: Mapping) -> dict[str, jax.Array]:
@@ -143,12 +145,13 @@ def _score(u: Mapping[str, jax.Array], g: Mapping[str, jax.Array]) -> jax.Array:
 def influence(loss_fn: Callable, params, train_batches: Iterable, test_batch, *,
               method: str = "ekfac", damping: float = 1e-3, opt_state: Any = None,
               layer_filter: Callable | None = None, input_groups=None,
-              valid: Callable | None = None) -> Influence:
+              valid: Callable | None = None, loss_args: Sequence = ()) -> Influence:
     """``I(test, train)`` for every test example of ``test_batch`` and every
     training example of ``train_batches`` (see the module doc).
 
     Args:
-      loss_fn: ``(params, example) -> scalar``, the loss of one example.
+      loss_fn: ``(params, example, *loss_args) -> scalar``, the loss of one
+        example.
       params: the trained parameters (the PEFT tree the optimizer saw).
       train_batches: a sequence of batches (leaves with a leading batch axis);
         read once for ``kfac`` and twice for the other methods.
@@ -162,6 +165,7 @@ def influence(loss_fn: Callable, params, train_batches: Iterable, test_batch, *,
       valid: ``batch -> [B]`` 1 for real rows and 0 for filler rows (which
         then enter no fitted curvature; their scores are computed and should
         be dropped). ``None``: every row is real.
+      loss_args: further arguments of ``loss_fn``, the same for every example.
 
     Returns:
       :class:`Influence` with scores ``[num_test, num_train]`` (training
@@ -178,10 +182,10 @@ def influence(loss_fn: Callable, params, train_batches: Iterable, test_batch, *,
         raise ValueError("influence: no registered layer among the parameters (layer_filter)")
     covered = {p for s in specs.values() for p in (s.kernel, s.bias) if p is not None}
     left_out = tuple(sorted(set(flatten(params)) - covered))
-    grads_fn = example_gradients(loss_fn)
+    grads_fn = example_gradients(loss_fn, len(loss_args))
 
     def blocks(batch):
-        return _blocks(grads_fn(params, batch), specs)
+        return _blocks(grads_fn(params, batch, *loss_args), specs)
 
     def weights(batch):
         n = len(jax.tree_util.tree_leaves(batch)[0])
