@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 
 import kfac_jax_peft as kp
 from kfac_jax_peft.kfac.inverse import DAMPING_MODES
@@ -152,3 +153,70 @@ def test_ekfac_refuses_what_would_make_it_kfac_or_silent():
     _, stats = jax.grad(_loss, argnums=(0, 1))(params, kp.ekfac_probes(plain, state), x, y_t)
     with pytest.raises(ValueError, match="carry an EKFAC diagonal"):
         exact.update(grads, exact.init(params), params, kfac_stats=stats)
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return h + jnp.tanh(nn.Dense(4, name="fc")(h)), None
+
+
+class _Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h, _ = nn.scan(_Block, variable_axes={"params": 0, "kfac": 0},
+                       split_rngs={"params": True}, length=2)(name="layers")(x, None)
+        return nn.Dense(3, name="head")(h)
+
+
+class _Unrolled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = x
+        for i in range(2):
+            h, _ = _Block(name=f"block{i}")(h, None)
+        return nn.Dense(3, name="head")(h)
+
+
+def test_ekfac_probes_of_an_nn_scan_stack_match_the_unrolled_model():
+    """Each layer of a stacked kernel gets its own bases in the probes, and
+    after two statistics steps its diagonal and update equal the unrolled
+    model's."""
+    rng = np.random.default_rng(4)
+    xs = [jnp.asarray(rng.normal(size=(6, 4)), jnp.float32) for _ in range(2)]
+    y = jnp.asarray(rng.integers(0, 3, 6))
+    with kp.intercept_dense():
+        v = _Scanned().init(jax.random.PRNGKey(0), xs[0])
+    params_u = {"head": v["params"]["head"]}
+    for i in range(2):
+        params_u[f"block{i}"] = {"fc": jax.tree_util.tree_map(
+            lambda a, i=i: a[i], v["params"]["layers"]["fc"])}
+    with kp.intercept_dense():
+        probes_u = _Unrolled().init(jax.random.PRNGKey(0), xs[0])["kfac"]
+
+    def run(model, params, probes, layer_filter):
+        def f(p, pr, x):
+            with kp.intercept_dense():
+                logits = model.apply({"params": p, "kfac": pr}, x)
+            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+        tx = kp.kfac_precondition(1e-2, decay=0.5, invert_every=10, damping_mode="ekfac",
+                                  layer_filter=layer_filter)
+        state = tx.init(params)
+        for x in xs:
+            _, g, st = kp.kfac_value_and_grad(f)(params, kp.ekfac_probes(probes, state), x)
+            u, state = tx.update(g, state, params, kfac_stats=st)
+        return u, state
+
+    u_s, s_s = run(_Scanned(), v["params"], v["kfac"], kp.captured_layers(v["kfac"]))
+    u_u, s_u = run(_Unrolled(), params_u, probes_u, None)
+    for i in range(2):
+        a = s_s.layers[f"layers/fc/kernel[{i}]"].diag
+        b = s_u.layers[f"block{i}/fc/kernel"].diag
+        assert float(a.weight) > 0
+        np.testing.assert_allclose(a.average, b.average, rtol=1e-4,
+                                   atol=1e-6 * float(jnp.abs(b.average).max()))
+        for leaf in ("kernel", "bias"):
+            want = np.asarray(u_u[f"block{i}"]["fc"][leaf])
+            np.testing.assert_allclose(u_s["layers"]["fc"][leaf][i], want, rtol=1e-4,
+                                       atol=1e-5 * np.abs(want).max())

@@ -124,7 +124,9 @@ def ekfac_probes(probes, opt_state, input_groups=None):
       The probes, the ``ekfac`` field of every registered layer's probe set
       to ``EKFACProbe(Q_A, Q_G, zeros)`` (stacked like the probe for an
       ``nn.scan`` stack); probes of unregistered layers unchanged. Pure:
-      call it inside the jitted step.
+      call it inside the jitted step. (With :func:`~kfac_jax_peft.multi_steps`,
+      give it probes of this structure, e.g. ``ekfac_probes(probes,
+      inner.init(params))``: its accumulator takes their shapes.)
     """
     from kfac_jax_peft.kfac.transform import kfac_state
 
