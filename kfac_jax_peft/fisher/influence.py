@@ -30,7 +30,10 @@ layout of :mod:`kfac_jax_peft.kfac.inverse`), each block by one of:
     replaced by the average of their inverses (Sherman-Morrison),
     ``(G_l + lambda I)^-1 ~= (1/lambda) [I - (1/n) sum_i g_i g_i^T /
     (lambda + ||g_i||^2)]`` per layer ``l``, with no factor at all: exact
-    when the training gradients of a layer are orthogonal or alike.
+    when the training gradients of a layer are orthogonal or alike. (The
+    paper sets a damping per layer, ``0.1`` times the mean of
+    ``||g_i||^2 / d_l``; here every method takes the same ``lambda``, so
+    that they approximate one matrix.)
 ``"exact"``
     the dense ``(H + lambda I)^-1`` over all the layers' parameters (one
     ``P x P`` matrix: for small models and for checking the others).
