@@ -62,5 +62,8 @@ def test_influence_command_refuses_a_wrong_task_and_missing_factors(run, tmp_pat
         main(["influence", "--run", str(out), "--task", "sst2"])
     assert "run's task 'rte'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        main(["influence", "--run", str(out), "--damping", "-1"])
+    assert "--damping must be a finite number > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         main(["influence", "--run", str(tmp_path)])
     assert "not a finished run folder" in capsys.readouterr().err

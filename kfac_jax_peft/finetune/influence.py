@@ -19,6 +19,7 @@ loss; negative: harmful).
 from __future__ import annotations
 
 import csv
+import math
 import os
 
 import jax
@@ -52,20 +53,25 @@ def _label(spec: D.TaskSpec, label) -> str:
 
 
 def _check(run_dir: str, task: str | None, cfg_task: str, method: str, optimizer: str,
-           split: str, top: int, num_test: int) -> None:
+           split: str, top: int, num_test: int, damping: float, batch_size: int | None
+           ) -> None:
     if task is not None and D.get_task(task).name != cfg_task:
         raise ConfigError("task", f"must be the run's task {cfg_task!r} (its head was trained "
                           f"on it), got {task!r}")
     if method not in METHODS:
-        raise ConfigError("method", f"must be one of {', '.join(METHODS)}, got {method!r}")
+        raise ConfigError("--method", f"must be one of {', '.join(METHODS)}, got {method!r}")
     if method in ("kfac", "ekfac") and optimizer != "kfac":
-        raise ConfigError("method", f"{method!r} needs the K-FAC factors of a run trained with "
+        raise ConfigError("--method", f"{method!r} needs the K-FAC factors of a run trained with "
                           f"optimizer 'kfac'; {run_dir!r} used {optimizer!r} (use datainf)")
     if split not in SPLITS:
-        raise ConfigError("split", f"must be one of {', '.join(SPLITS)}, got {split!r}")
-    for key, value in (("top_k", top), ("num_test", num_test)):
+        raise ConfigError("--split", f"must be one of {', '.join(SPLITS)}, got {split!r}")
+    for key, value in (("--top-k", top), ("--num-test", num_test)):
         if value < 1:
             raise ConfigError(key, f"must be an integer >= 1, got {value}")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError("batch_size", f"must be an integer >= 1, got {batch_size}")
+    if not (math.isfinite(damping) and damping > 0):
+        raise ConfigError("damping", f"must be a finite number > 0, got {damping}")
 
 
 def run_influence(run_dir: str, *, task: str | None = None, method: str = "ekfac",
@@ -80,7 +86,8 @@ def run_influence(run_dir: str, *, task: str | None = None, method: str = "ekfac
         raise FileNotFoundError(f"{run_dir!r} is not a finished run folder (config.json and "
                                 "best.safetensors)")
     cfg = from_mapping({**stored, "output_dir": run_dir, "progress": False})
-    _check(run_dir, task, cfg.task, method, cfg.optimizer, split, top, num_test)
+    _check(run_dir, task, cfg.task, method, cfg.optimizer, split, top, num_test, damping,
+           batch_size)
     spec = D.get_task(cfg.task)
     model, variables = build_task_model(cfg, spec)
     trainable, frozen = split_trainable(variables["params"])
