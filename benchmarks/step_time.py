@@ -7,7 +7,9 @@ rank 8, batch 16 x 64 tokens, which runs in minutes on 2 CPU cores;
 3072, batch 32 x 128) for a GPU.
 
 Three kinds of K-FAC step are timed separately (median over ``--reps``
-calls each, after compilation):
+calls each, after compilation; EKFAC, whose decompositions need
+``invert_every >= 2``, times its inversion steps as the even calls of a run
+with ``invert_every=2``):
 
 * ``plain``: ``kfac_stats=None``, multiply by the stored inverse;
 * ``stats``: statistics captured and folded into the factors, no inversion;
@@ -58,21 +60,23 @@ MODES = {
     "factored/cholesky": dict(damping_mode="factored", inverse_method="cholesky"),
     "factored/cholesky-solve": dict(damping_mode="factored", inverse_method="cholesky_solve"),
     "factored/newton-schulz": dict(damping_mode="factored", inverse_method="newton_schulz"),
+    "ekfac": dict(damping_mode="ekfac"),
 }
 
 
-def _median_time(step, tr, state, batches, reps):
+def _median_time(step, tr, state, batches, reps, every=1):
     """Median wall time of ``step`` over ``reps`` calls of a real run: the
     parameters and optimizer state are carried, the batches rotate (so the
     factors, and the warm starts of iterative inverses, change as in
-    training)."""
+    training). ``every=2``: over the calls ``2, 4, ...`` only (the inversion
+    steps of ``invert_every=2``)."""
     tr, state, _ = jax.block_until_ready(step(tr, state, batches[0]))  # compile, warm up
     times = []
     for i in range(reps):
         t0 = time.perf_counter()
         tr, state, _ = jax.block_until_ready(step(tr, state, batches[(i + 1) % len(batches)]))
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), tr, state
+    return statistics.median(times[every - 1::every]), tr, state
 
 
 def main(argv=None):
@@ -98,8 +102,8 @@ def main(argv=None):
 
     batches = [make_batch() for _ in range(8)]
 
-    def steps(tx):
-        return demo.make_steps(cfg, frozen, probes, tx)
+    def steps(tx, prepare=None):
+        return demo.make_steps(cfg, frozen, probes, tx, prepare)
 
     adamw = optax.chain(kp.clipped(optax.identity(), "pre", 1.0),
                         optax.adamw(1e-3, weight_decay=1e-4))
@@ -116,14 +120,18 @@ def main(argv=None):
               + " ".join(f"{'k=' + str(k):>7s}" for k in (1, 10, 100, 500)) + "   (x AdamW)")
     rows = []
     for name in args.modes.split(","):
-        def make(invert_every, name=name):
+        ekfac = MODES[name]["damping_mode"] == "ekfac"
+
+        def make(invert_every, name=name, ekfac=ekfac):
             pre = kp.kfac_precondition(1e-3, invert_every=invert_every, **MODES[name])
             tx = optax.chain(kp.clipped(pre, "post", 1.0), optax.add_decayed_weights(1e-4),
                              optax.scale_by_learning_rate(0.05))
-            return (tx, *steps(tx))
+            return (tx, *steps(tx, kp.ekfac_probes if ekfac else None))
 
-        tx1, inv_step, _ = make(1)  # every statistics step inverts
-        t_inv, _, _ = _median_time(inv_step, trainable, tx1.init(trainable), batches, args.reps)
+        every = 2 if ekfac else 1
+        tx1, inv_step, _ = make(every)  # every (second) statistics step inverts
+        t_inv, _, _ = _median_time(inv_step, trainable, tx1.init(trainable), batches,
+                                   every * args.reps, every)
 
         txk, stats_step, plain_step = make(10**9)  # inverts once, then never
         t_stats, tr, sk = _median_time(stats_step, trainable, txk.init(trainable), batches,

@@ -10,6 +10,8 @@ The public API:
   :mod:`kfac_jax_peft.kfac.stages`), :func:`clip_by_update_norm`,
   :func:`clip_by_fisher_norm`, and :func:`clipped`, which puts a clip
   before or after a preconditioner;
+* EKFAC: ``kfac_precondition(damping_mode="ekfac")`` with probes from
+  :func:`ekfac_probes` (:class:`EKFACProbe`);
 * state readers: :func:`kfac_state`, :func:`describe` (a table of the
   registered layers and what they received), :func:`clip_stats`;
 * :func:`multi_steps`: ``optax.MultiSteps`` that sums the micro-batches'
@@ -27,6 +29,7 @@ HiZOO, LoHO gradient sources), :mod:`kfac_jax_peft.models`,
 """
 
 from kfac_jax_peft.capture import (
+    EKFACProbe,
     KFACDense,
     LayerStats,
     capture,
@@ -47,6 +50,7 @@ from kfac_jax_peft.kfac import (
     KFACState,
     LayerState,
     describe,
+    ekfac_probes,
     kfac_precondition,
     kfac_state,
     multi_steps,
@@ -63,6 +67,7 @@ __version__ = "0.1.0"
 __all__ = [
     "add_probes",
     "ClipState",
+    "EKFACProbe",
     "FactorState",
     "KFACDense",
     "KFACProbe",
@@ -80,6 +85,7 @@ __all__ = [
     "intercept_dense",
     "intercept_nnx",
     "describe",
+    "ekfac_probes",
     "kfac",
     "kfac_precondition",
     "kfac_state",

@@ -206,6 +206,16 @@ def _plot(args) -> int:
     return 0
 
 
+def _influence(args) -> int:
+    from kfac_jax_peft.finetune.influence import run_influence
+
+    path = run_influence(args.run, task=args.task, method=args.method, damping=args.damping,
+                         top=args.top_k, split=args.split, num_test=args.num_test,
+                         batch_size=args.batch_size, out=args.out)
+    print(f"influence table written to {path}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kfac-peft", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -244,6 +254,26 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--labels", nargs="+", default=None)
     pl.add_argument("--title", default=None)
     pl.set_defaults(func=_plot)
+
+    from kfac_jax_peft.fisher.influence import METHODS
+
+    i = sub.add_parser("influence", help="the training examples most helpful and harmful to "
+                                         "a finished run's held-out predictions")
+    i.add_argument("--run", required=True, help="the run folder (config.json, "
+                   "best.safetensors, checkpoints/)")
+    i.add_argument("--task", default=None, help="the run's task (checked; default: the run's)")
+    i.add_argument("--method", choices=METHODS, default="ekfac",
+                   help="curvature: the run's K-FAC factors (kfac), with the diagonal refitted "
+                        "(ekfac), DataInf (datainf), or the dense exact matrix (exact; small "
+                        "models only)")
+    i.add_argument("--damping", type=float, default=1e-3)
+    i.add_argument("--top-k", type=int, default=10)
+    i.add_argument("--split", choices=("validation", "test"), default="validation")
+    i.add_argument("--num-test", type=int, default=16,
+                   help="score against the first N examples of --split")
+    i.add_argument("--batch-size", type=int, default=None)
+    i.add_argument("--out", default=None, help="default: RUN/influence_METHOD.tsv")
+    i.set_defaults(func=_influence)
     return parser
 
 

@@ -35,6 +35,18 @@ the damping and of the step.
 
 The probe's statistics are computed in float32 (float64 if the probe is
 float64), whatever the activation dtype.
+
+**EKFAC.** A probe whose ``ekfac`` field holds the layer's Kronecker
+eigenbases ``Q_A``, ``Q_G`` (see :func:`kfac_jax_peft.ekfac_probes`) also
+returns, in ``ekfac.diag``, the squared gradients projected into that basis::
+
+    diag = N^2 sum_t m_t (Q_A^T abar_t)^2 ((Q_G^T g_t)^2)^T        [d_a, d_g]
+
+(squares elementwise), so that ``diag / num_examples`` is the diagonal, in
+the basis ``Q_A kron Q_G``, of the Fisher that K-FAC "expand" approximates
+(tokens as examples; for an input without a token axis, one row per example,
+it is the empirical Fisher's diagonal). It costs two projections and one
+``[d_a, d_g]`` matmul per layer, like ``A`` and ``G``.
 """
 
 from __future__ import annotations
@@ -51,6 +63,17 @@ from kfac_jax_peft.likelihoods import FISHER_TYPES, check_likelihood, sample_cot
 Array = jax.Array
 
 
+class EKFACProbe(NamedTuple):
+    """The EKFAC part of a probe (see the module doc). In the probe, ``qa``
+    (``[d_a, d_a]``) and ``qg`` (``[d_g, d_g]``) are the eigenbases and
+    ``diag`` is zeros; in the statistics (the probe's cotangent) ``qa`` and
+    ``qg`` are zeros and ``diag`` holds the projected squared gradients."""
+
+    qa: Array
+    qg: Array
+    diag: Array
+
+
 class LayerStats(NamedTuple):
     """Reduced K-FAC statistics of one dense layer (raw sums, see module doc).
 
@@ -61,12 +84,14 @@ class LayerStats(NamedTuple):
         scaled by ``num_examples ** 2``.
       num_tokens: number of real tokens summed into ``A`` and ``G``.
       num_examples: number of examples (leading-axis rows with a real token).
+      ekfac: ``None``, or the :class:`EKFACProbe` of EKFAC's diagonal.
     """
 
     A: Array
     G: Array
     num_tokens: Array
     num_examples: Array
+    ekfac: EKFACProbe | None = None
 
 
 def zeros_stats(d_in: int, d_out: int, use_bias: bool, dtype=jnp.float32) -> LayerStats:
@@ -81,11 +106,12 @@ def zeros_stats(d_in: int, d_out: int, use_bias: bool, dtype=jnp.float32) -> Lay
 
 
 def layer_stats(x: Array, g: Array, mask: Array | None, use_bias: bool,
-                dtype=jnp.float32) -> LayerStats:
+                dtype=jnp.float32, basis: tuple[Array, Array] | None = None) -> LayerStats:
     """Reduced statistics from inputs ``x [..., d_in]`` and output cotangents
     ``g [..., d_out]`` of the same leading shape, with an optional token mask
-    of that leading shape. Public so that other capture schemes (and tests)
-    share one definition."""
+    of that leading shape. With ``basis = (Q_A, Q_G)`` the statistics also
+    carry EKFAC's projected squares (module doc). Public so that other
+    capture schemes (and tests) share one definition."""
     lead = x.shape[:-1]
     if g.shape[:-1] != lead:
         raise ValueError(f"inputs {x.shape} and output cotangents {g.shape} "
@@ -110,7 +136,15 @@ def layer_stats(x: Array, g: Array, mask: Array | None, use_bias: bool,
         n_ex = jnp.sum((rows > 0).astype(dtype))
     else:
         n_ex = jnp.sum(m)
-    return LayerStats(A=A, G=G * n_ex**2, num_tokens=jnp.sum(mf), num_examples=n_ex)
+    ekfac = None
+    if basis is not None:
+        qa, qg = (q.astype(dtype) for q in basis)
+        pa = jnp.square(jnp.matmul(xf, qa, precision=hp))  # (Q_A^T abar_t)^2, row t
+        pg = jnp.square(jnp.matmul(gf, qg, precision=hp))
+        diag = jnp.matmul((pa * mf[:, None]).T, pg, precision=hp) * n_ex**2
+        ekfac = EKFACProbe(jnp.zeros_like(qa), jnp.zeros_like(qg), diag)
+    return LayerStats(A=A, G=G * n_ex**2, num_tokens=jnp.sum(mf), num_examples=n_ex,
+                      ekfac=ekfac)
 
 
 @jax.custom_vjp
@@ -133,7 +167,8 @@ def _varying_axes(x) -> frozenset:
 def _capture_bwd(res, gy):
     x, mask, probe = res
     use_bias = probe.A.shape[0] == x.shape[-1] + 1
-    stats = layer_stats(x, gy, mask, use_bias, probe.A.dtype)
+    basis = None if probe.ekfac is None else (probe.ekfac.qa, probe.ekfac.qg)
+    stats = layer_stats(x, gy, mask, use_bias, probe.A.dtype, basis)
     # Inside shard_map (check_vma=True) a probe that is the same on every
     # device (replicated, like the parameters) must get a cotangent of the
     # same type: the statistics are summed over the axes along which the batch
@@ -157,6 +192,13 @@ def _check_probe(x: Array, y: Array, probe: LayerStats, name: str = "layer"):
     if probe.G.shape != (d_out, d_out):
         raise ValueError(f"{name}: probe G has shape {probe.G.shape}, expected "
                          f"({d_out}, {d_out}) for an output of width {d_out}")
+    if probe.ekfac is not None:
+        d_a = probe.A.shape[0]
+        want = ((d_a, d_a), (d_out, d_out), (d_a, d_out))
+        got = tuple(tuple(x.shape) for x in probe.ekfac)
+        if got != want:
+            raise ValueError(f"{name}: probe ekfac (qa, qg, diag) has shapes {got}, expected "
+                             f"{want}")
 
 
 def capture(y: Array, x: Array, probe: LayerStats | None,
@@ -380,7 +422,10 @@ def kfac_value_and_grad(model_fn: Callable, loss_fn: Callable | None = None, *,
             stats = jax.tree_util.tree_map(
                 lambda s: LayerStats(A=s.A[0], G=jnp.sum(s.G, 0),
                                      num_tokens=s.num_tokens[0],
-                                     num_examples=s.num_examples[0]),
+                                     num_examples=s.num_examples[0],
+                                     ekfac=None if s.ekfac is None else EKFACProbe(
+                                         s.ekfac.qa[0], s.ekfac.qg[0],
+                                         jnp.sum(s.ekfac.diag, 0))),
                 per_col, is_leaf=lambda s: isinstance(s, LayerStats))
         value = (loss, aux) if has_aux else loss
         return value, grads, stats

@@ -50,9 +50,12 @@ def build_tx(rc: RunConfig) -> optax.GradientTransformation:
                        optax.scale_by_learning_rate(rc.learning_rate))
 
 
-def make_steps(cfg: toy.ToyConfig, frozen, probes, tx) -> tuple[Callable, Callable]:
+def make_steps(cfg: toy.ToyConfig, frozen, probes, tx,
+               prepare_probes: Callable | None = None) -> tuple[Callable, Callable]:
     """``(stats_step, plain_step)``, both ``(trainable, opt_state, batch) ->
-    (trainable, opt_state, loss)`` and jitted."""
+    (trainable, opt_state, loss)`` and jitted; ``prepare_probes(probes,
+    opt_state)`` runs before the capture of a statistics step (EKFAC's
+    :func:`~kfac_jax_peft.ekfac_probes`)."""
     model = toy.ToyEncoder(cfg)
 
     def loss_fn(trainable, probes, batch):
@@ -66,7 +69,8 @@ def make_steps(cfg: toy.ToyConfig, frozen, probes, tx) -> tuple[Callable, Callab
 
     @jax.jit
     def stats_step(trainable, opt_state, batch):
-        loss, grads, stats = grad_stats(trainable, probes, batch)
+        pr = probes if prepare_probes is None else prepare_probes(probes, opt_state)
+        loss, grads, stats = grad_stats(trainable, pr, batch)
         updates, opt_state = tx.update(grads, opt_state, trainable, kfac_stats=stats)
         return optax.apply_updates(trainable, updates), opt_state, loss
 

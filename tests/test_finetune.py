@@ -248,3 +248,17 @@ def test_t5_encoder_head_trains_with_kfac(folders, tmp_path):
     # LoRA on T5's q and v (translated from the RoBERTa names) and the head
     assert any("/q/lora_A" in p for p in paths) and any("/v/lora_B" in p for p in paths)
     assert any(p.startswith("classifier") for p in paths)
+
+
+def test_ekfac_damping_mode_trains_and_needs_statistics_between_decompositions(folders,
+                                                                               tmp_path):
+    from kfac_jax_peft.finetune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="stats_every"):
+        _cfg(folders, tmp_path / "bad", damping_mode="ekfac", invert_every=3)
+    cfg = _cfg(folders, tmp_path / "ekfac", damping_mode="ekfac", invert_every=3,
+               stats_every=1, share_input_factors=True, steps=6, eval_every=6)
+    result = train(cfg)
+    losses = [r["loss"] for r in read_log(str(tmp_path / "ekfac")) if r["kind"] == "train"]
+    assert losses and all(np.isfinite(losses))
+    assert np.isfinite(result.final_loss) and result.steps == 6

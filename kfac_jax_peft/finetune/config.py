@@ -38,7 +38,7 @@ PER_SAMPLE = ("ef", "ief", "sf")
 TAKES_OBJECTIVE = ("sophia",)
 CLIP_MODES = ("post", "pre", "none")
 PEFT_METHODS = ("lora", "houlsby", "pfeiffer", "head")
-DAMPING_MODES = ("exact", "factored")
+DAMPING_MODES = ("exact", "ekfac", "factored")
 FISHER_DAMPING_SCALES = ("absolute", "relative")
 
 #: The paper's four arms (Section 5, Fig. 4) as config overrides.
@@ -100,6 +100,9 @@ class TrainConfig:
     inversion steps only; ``share_input_factors``: LoRA ``A`` layers that
     read the same input keep one input factor (the model's
     ``INPUT_GROUPS``; less memory, same update unless LoRA dropout is on);
+    ``damping_mode``: ``"exact"`` (eigenbasis), ``"ekfac"`` (the same
+    eigenbasis with EKFAC's re-estimated diagonal; needs ``stats_every <
+    invert_every``) or ``"factored"``;
     ``clip`` = ``"post"`` Newton-step clipping,
     ``"pre"`` gradient clipping, ``"none"``), ``"sgd"``. The learning rate
     follows a linear warm-up over ``warmup_ratio * steps`` steps, then a
@@ -376,7 +379,8 @@ def validate(cfg: TrainConfig) -> None:
       ``dropout``, ``decay``, ``warmup_ratio`` in [0, 1); counts >= 1;
     * the choices (task, peft, optimizer, clip, damping_mode,
       fisher_damping_scale);
-    * the rules across keys: AdamW and Sophia take no post-clipping; the per-sample
+    * the rules across keys: AdamW and Sophia take no post-clipping; ``ekfac``
+      damping needs ``stats_every < invert_every``; the per-sample
       optimizers and ``log_gamma`` run on one device; a multi-device batch
       splits evenly.
 
@@ -414,6 +418,13 @@ def _validate_across(cfg: TrainConfig) -> None:
         raise ConfigError("clip", "must be 'pre' or 'none' with optimizer 'adamw', got 'post' "
                           "(post-clipping is K-FAC's Newton-step clipping)")
     _validate_sophia(cfg)
+    if cfg.optimizer == "kfac" and cfg.damping_mode == "ekfac":
+        stats_every = cfg.invert_every if cfg.stats_every is None else cfg.stats_every
+        if stats_every >= cfg.invert_every:
+            raise ConfigError("stats_every", "must be smaller than invert_every with "
+                              "damping_mode 'ekfac' (its diagonal is re-estimated from the "
+                              "statistics between decompositions), got stats_every="
+                              f"{stats_every}, invert_every={cfg.invert_every}")
     if cfg.devices > 1:
         if cfg.optimizer in PER_SAMPLE or cfg.log_gamma:
             raise ConfigError("devices", f"must be 1 with optimizer {cfg.optimizer!r} or "

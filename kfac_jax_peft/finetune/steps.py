@@ -102,11 +102,14 @@ def all_finite(tree) -> jax.Array:
 
 def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
                axis_name: str | None = None, per_sample: str | None = None,
-               num_samples: int = 1, objective: bool = False) -> Steps:
+               num_samples: int = 1, objective: bool = False,
+               prepare_probes: Callable | None = None) -> Steps:
     """The step functions of a run, un-jitted. ``per_sample`` (``"ef" |
     "ief" | "sf"``) adds the ``"sample"`` kind; ``num_samples`` is SF's
     number of sampled labels per example; ``objective``: pass ``obj_fn``
-    (:func:`_objective`) to the chain."""
+    (:func:`_objective`) to the chain; ``prepare_probes(probes,
+    opt_state) -> probes`` runs before a statistics step's capture (EKFAC's
+    :func:`~kfac_jax_peft.ekfac_probes`)."""
     def loss_fn(trainable, frozen, probes, batch, rng):
         logits = model.logits(merge_trainable(trainable, frozen), probes, batch, rng)
         return model.loss(logits, batch)
@@ -127,7 +130,9 @@ def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
                               opt_state=opt_state), loss
 
     def stats_step(state, fixed, batch):
-        loss, grads, stats = grad_stats(state.trainable, fixed.probes, fixed.frozen, batch,
+        probes = (fixed.probes if prepare_probes is None
+                  else prepare_probes(fixed.probes, state.opt_state))
+        loss, grads, stats = grad_stats(state.trainable, probes, fixed.frozen, batch,
                                         step_rng(state))
         return apply(state, loss, grads, kfac_stats=stats)
 

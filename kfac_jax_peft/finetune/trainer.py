@@ -44,6 +44,7 @@ Run folder::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -76,6 +77,7 @@ from kfac_jax_peft.finetune.steps import (
     step_kinds,
 )
 from kfac_jax_peft.finetune.tasks import Data, evaluate, load_data, padded_lengths, resize
+from kfac_jax_peft.kfac.ekfac import ekfac_probes
 from kfac_jax_peft.peft import count_trainable, save_peft, split_trainable
 
 
@@ -179,8 +181,12 @@ def _build(cfg: TrainConfig, data: Data, n: int) -> _Run:
     place = Placement(n)
     tx = build_optimizer(cfg, axis_name=place.axis_name, input_groups=model.input_groups)
     per_sample = cfg.optimizer if cfg.optimizer in PER_SAMPLE else None
+    prepare = None
+    if cfg.optimizer == "kfac" and cfg.damping_mode == "ekfac":
+        groups = model.input_groups if cfg.share_input_factors else None
+        prepare = functools.partial(ekfac_probes, input_groups=groups)
     steps = make_steps(model, tx, axis_name=place.axis_name, per_sample=per_sample,
-                       num_samples=cfg.num_samples,
+                       num_samples=cfg.num_samples, prepare_probes=prepare,
                        objective=cfg.optimizer in TAKES_OBJECTIVE)
     probes = variables.get("kfac")
     uses_stats = cfg.optimizer == "kfac" and probes is not None

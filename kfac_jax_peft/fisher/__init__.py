@@ -7,6 +7,10 @@
   exact damped EF, iEF and ``F(k)`` preconditioners through the Woodbury
   identity on the ``N x N`` Gram matrix (``ef``, ``ief`` and
   ``sampled_fisher`` are their deprecated first names);
+* :func:`influence`: influence functions ``grad l(z')^T (H + lambda I)^-1
+  grad l(z)`` of training examples on test examples, with ``H`` from K-FAC
+  or EKFAC factors, DataInf, or exact (:mod:`kfac_jax_peft.fisher.influence`);
+  :func:`influence_top_k`;
 * :func:`fisher_vector_product`, :func:`gamma`, :func:`gamma_relative_to_sgd`,
   :func:`gradient_norm_imbalance`: the paper's indicators.
 
@@ -22,6 +26,9 @@ from kfac_jax_peft.fisher.diagnostics import (
     gradient_norm_imbalance,
     per_sample_grad_norms,
 )
+from kfac_jax_peft.fisher.influence import METHODS as INFLUENCE_METHODS
+from kfac_jax_peft.fisher.influence import Influence, influence
+from kfac_jax_peft.fisher.influence import top_k as influence_top_k
 from kfac_jax_peft.fisher.per_sample import per_sample_value_and_grad
 from kfac_jax_peft.fisher.woodbury import (
     DAMPING_SCALES,
@@ -39,6 +46,8 @@ from kfac_jax_peft.likelihoods import sample_cotangents
 
 __all__ = [
     "DAMPING_SCALES",
+    "INFLUENCE_METHODS",
+    "Influence",
     "WoodburyState",
     "ef",
     "ef_precondition",
@@ -50,6 +59,8 @@ __all__ = [
     "ief",
     "ief_precondition",
     "ief_row_scale",
+    "influence",
+    "influence_top_k",
     "per_sample_grad_norms",
     "per_sample_value_and_grad",
     "sample_cotangents",

@@ -16,6 +16,13 @@ Two damping modes:
     round-off are stored as computed (so that ``Q diag(a) Q^T`` is the
     factor itself) and clipped to zero where the direction is computed.
 
+``ekfac``
+    George et al.'s eigenvalue-corrected K-FAC: the same eigenbasis, with
+    the Kronecker eigenvalue products ``a g^T`` replaced by a re-estimated
+    diagonal ``s`` (``[d_a, d_g]``, the second moments of the gradients
+    projected into the basis; see :mod:`kfac_jax_peft.kfac.ekfac`):
+    ``U = Q_A [(Q_A^T V Q_G) / (s + lambda)] Q_G^T``.
+
 ``factored``
     Martens and Grosse's pi-adjusted factored Tikhonov damping:
     ``u = (A + pi sqrt(lambda) I)^-1 V (G + sqrt(lambda)/pi I)^-1`` with
@@ -42,7 +49,7 @@ import jax.numpy as jnp
 
 HP = jax.lax.Precision.HIGHEST
 
-DAMPING_MODES = ("exact", "factored")
+DAMPING_MODES = ("exact", "ekfac", "factored")
 INVERSE_METHODS = ("cholesky", "cholesky_solve", "eigh", "newton_schulz")
 
 
@@ -62,6 +69,15 @@ class EigenFactor(NamedTuple):
 
     q: jnp.ndarray
     vals: jnp.ndarray
+
+
+class EigenCorrected(NamedTuple):
+    """EKFAC's curvature of one layer: the Kronecker eigenbases and the
+    diagonal ``scale`` (``[d_a, d_g]``) that replaces ``a g^T``."""
+
+    qa: jnp.ndarray
+    qg: jnp.ndarray
+    scale: jnp.ndarray
 
 
 class Inverses(NamedTuple):
@@ -242,6 +258,10 @@ def precondition(v: jnp.ndarray, curv, damping) -> jnp.ndarray:
         t = jnp.matmul(jnp.matmul(curv.qa.T, v, precision=HP), curv.qg, precision=HP)
         a, g = jnp.maximum(curv.a, 0.0), jnp.maximum(curv.g, 0.0)  # round-off negatives
         t = t / (a[:, None] * g[None, :] + damping)
+        return jnp.matmul(jnp.matmul(curv.qa, t, precision=HP), curv.qg.T, precision=HP)
+    if isinstance(curv, EigenCorrected):
+        t = jnp.matmul(jnp.matmul(curv.qa.T, v, precision=HP), curv.qg, precision=HP)
+        t = t / (jnp.maximum(curv.scale, 0.0) + damping)
         return jnp.matmul(jnp.matmul(curv.qa, t, precision=HP), curv.qg.T, precision=HP)
     if isinstance(curv, CholeskyFactors):
         u = jax.scipy.linalg.cho_solve((curv.la, True), v)

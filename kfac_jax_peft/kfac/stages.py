@@ -23,6 +23,9 @@ on its own.
    (``exact`` damping, kept per factor) or damped inverses of each layer's
    pair (``factored`` damping, kept per layer); a result that is not
    finite is dropped and the previous curvature kept.
+   With ``ekfac`` damping, :mod:`kfac_jax_peft.kfac.ekfac` adds one stage:
+   each layer's re-estimated diagonal in the eigenbasis, accumulated like
+   the factors and restarted when its basis changes.
 4. **Precondition** (:func:`precondition`): each registered layer's
    gradient times its damped inverse Kronecker block; layers without
    curvature yet, and leaves that are not layers, pass through.
@@ -37,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from kfac_jax_peft.capture import LayerStats
+from kfac_jax_peft.kfac import ekfac as E
 from kfac_jax_peft.kfac import factors as F
 from kfac_jax_peft.kfac import inverse as I
 from kfac_jax_peft.kfac.layers import LayerSpec, flatten, is_masked, path_str
@@ -69,11 +73,14 @@ class FactorState(NamedTuple):
 
 class LayerState(NamedTuple):
     """One layer: its damped inverses (``factored`` damping; ``None`` with
-    ``exact`` damping, whose curvature is in the factors) and whether it has
-    curvature (before that, its gradient passes through unchanged)."""
+    ``exact`` damping, whose curvature is in the factors), whether it has
+    curvature (before that, its gradient passes through unchanged), and
+    with ``ekfac`` damping its re-estimated diagonal
+    (:class:`~kfac_jax_peft.kfac.ekfac.Diagonal`; else ``None``)."""
 
     inverse: Any
     has_curvature: jax.Array
+    diag: Any = None
 
 
 def init_factor(d: int, dtype, *, store: bool, exact: bool) -> FactorState:
@@ -84,9 +91,11 @@ def init_factor(d: int, dtype, *, store: bool, exact: bool) -> FactorState:
                        num_stats=jnp.zeros((), jnp.int32), num_rejected=jnp.zeros((), jnp.int32))
 
 
-def init_layer(spec: LayerSpec, dtype, *, exact: bool, method: str) -> LayerState:
+def init_layer(spec: LayerSpec, dtype, *, exact: bool, method: str,
+               ekfac: bool = False) -> LayerState:
     inverse = None if exact else I.zeros_curvature(spec.d_a, spec.d_g, "factored", dtype, method)
-    return LayerState(inverse=inverse, has_curvature=jnp.zeros((), bool))
+    diag = E.init_diagonal(spec.d_a, spec.d_g, dtype) if ekfac else None
+    return LayerState(inverse=inverse, has_curvature=jnp.zeros((), bool), diag=diag)
 
 
 # ------------------------------------------------------------------ statistics
@@ -275,6 +284,10 @@ def invert_layers(specs: Mapping[str, LayerSpec], factors: Mapping[str, FactorSt
 
 
 def _curvature(spec: LayerSpec, factors, layers, exact: bool):
+    diag = layers[spec.name].diag
+    if diag is not None:  # ekfac
+        (qa, a), (qg, g) = factors[spec.a_key].eigen, factors[spec.g_key].eigen
+        return I.EigenCorrected(qa, qg, E.scale(diag, a, g))
     if exact:
         return I.Eigen(*factors[spec.a_key].eigen, *factors[spec.g_key].eigen)
     return layers[spec.name].inverse

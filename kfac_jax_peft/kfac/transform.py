@@ -6,12 +6,14 @@ with its ``bias`` sibling as a homogeneous coordinate; see
 
     U = (A kron G + damping I)^-1 vec([grad W; grad b])                 (exact)
     U = (A + pi sqrt(d) I)^-1 [grad W; grad b] (G + sqrt(d)/pi I)^-1      (factored)
+    U = Q_A [(Q_A^T [grad W; grad b] Q_G) / (s + damping)] Q_G^T          (ekfac)
 
 where ``A`` and ``G`` are bias-corrected exponential moving averages
 (decay ``decay``; 0 means the current batch only) of the normalised
 statistics of :mod:`kfac_jax_peft.capture`: ``A = E_tokens[abar abar^T]``
 and ``G = E_examples[g g^T]`` for a loss that is a mean over examples. See
-:mod:`kfac_jax_peft.kfac.inverse` for the damping modes and
+:mod:`kfac_jax_peft.kfac.inverse` for the damping modes,
+:mod:`kfac_jax_peft.kfac.ekfac` for EKFAC's diagonal ``s``, and
 :mod:`kfac_jax_peft.kfac.stages` for the stages composed here.
 
 **Schedule.** The statistics arrive as the keyword-only extra argument
@@ -104,6 +106,7 @@ import jax.numpy as jnp
 import optax
 
 from kfac_jax_peft import _hyper as H
+from kfac_jax_peft.kfac import ekfac as E
 from kfac_jax_peft.kfac import inverse as I
 from kfac_jax_peft.kfac import stages as S
 from kfac_jax_peft.kfac.layers import (
@@ -137,12 +140,13 @@ class KFACState(NamedTuple):
 
 
 class _Config(NamedTuple):
-    exact: bool
+    exact: bool  # eigendecompositions of the factors (exact or ekfac damping)
     method: str
     dtype: Any
     store: bool
     layer_filter: Callable
     groups: Callable
+    ekfac: bool = False
 
 
 def kfac_precondition(
@@ -171,7 +175,11 @@ def kfac_precondition(
       damping: Tikhonov damping ``lambda >= 0`` (float or schedule of ``count``).
       decay: moving-average decay of the factors, in ``[0, 1)`` (float or schedule).
       invert_every: calls between inversions (a positive integer).
-      damping_mode: ``"exact"`` (eigenbasis, exact damping) or ``"factored"``.
+      damping_mode: ``"exact"`` (eigenbasis, exact damping), ``"ekfac"``
+        (the same eigenbasis with a re-estimated diagonal, see
+        :mod:`kfac_jax_peft.kfac.ekfac`; the statistics must come from
+        probes passed through :func:`~kfac_jax_peft.ekfac_probes`, and
+        ``invert_every >= 2``) or ``"factored"``.
       inverse_method: for ``factored``: ``"cholesky_solve"`` (the default:
         stored Cholesky factors, triangular solves each step), ``"cholesky"``
         (stored inverses), ``"eigh"`` or ``"newton_schulz"`` (matmul-only,
@@ -216,10 +224,10 @@ def kfac_precondition(
     if inverse_method == "newton_schulz":
         ns_iterations = int(H.check_positive_int("ns_iterations", ns_iterations))
     strict = bool(strict)
-    cfg = _Config(exact=damping_mode == "exact", method=inverse_method,
+    cfg = _Config(exact=damping_mode in ("exact", "ekfac"), method=inverse_method,
                   dtype=H.check_factor_dtype(factor_dtype), store=bool(store_factors),
                   layer_filter=layer_filter or default_layer_filter,
-                  groups=group_fn(input_groups))
+                  groups=group_fn(input_groups), ekfac=damping_mode == "ekfac")
 
     def init_fn(params):
         H.check_schedule_start("damping", damping, low=0.0)
@@ -256,6 +264,11 @@ def _check_settings(damping, decay, invert_every, damping_mode, inverse_method, 
     H.check_scalar("decay", decay, low=0.0, high=1.0, high_open=True)
     H.check_positive_int("invert_every", invert_every)
     H.check_scalar("ns_tolerance", ns_tolerance, low=0.0, low_open=True)
+    if (damping_mode == "ekfac" and not isinstance(invert_every, jax.core.Tracer)
+            and int(invert_every) == 1):
+        raise ValueError("damping_mode='ekfac' needs invert_every >= 2 (got 1): its diagonal "
+                         "is re-estimated between decompositions and restarts at each one, "
+                         "so with a decomposition at every statistics step it is K-FAC's")
     if not store_factors and (damping_mode != "exact" or _concrete_ne(invert_every, 1)):
         raise ValueError("store_factors=False needs damping_mode='exact' and invert_every=1 "
                          f"(got {damping_mode!r} and {invert_every}): the moving average is "
@@ -270,7 +283,7 @@ def _init_state(cfg: _Config, params, strict: bool) -> KFACState:
                   "(see layer_filter): every update passes through unchanged")
     factors = {k: S.init_factor(d, cfg.dtype, store=cfg.store, exact=cfg.exact)
                for k, d in factor_sizes(specs).items()}
-    layers = {p: S.init_layer(s, cfg.dtype, exact=cfg.exact, method=cfg.method)
+    layers = {p: S.init_layer(s, cfg.dtype, exact=cfg.exact, method=cfg.method, ekfac=cfg.ekfac)
               for p, s in specs.items()}
     return KFACState(count=jnp.zeros((), jnp.int32), last_inversion=-jnp.ones((), jnp.int32),
                      num_inversions=jnp.zeros((), jnp.int32), factors=factors, layers=layers)
@@ -334,6 +347,13 @@ def _statistics_step(cfg: _Config, specs, state: KFACState, updates, kfac_stats,
         matched, bad = jax.lax.psum((matched, bad), axis_name)
     stats = S.factor_statistics(specs, matched, cfg.dtype, {p: b == 0 for p, b in bad.items()})
     factors, accepted = S.accumulate(state.factors, stats, rho)
+    layers = state.layers
+    if cfg.ekfac:
+        layers = E.accumulate_diagonals(layers, E.diagonal_statistics(matched, stats, specs,
+                                                                      cfg.dtype), rho)
+    elif any(s.ekfac is not None for s in matched.values()):
+        raise ValueError("the statistics carry an EKFAC diagonal but damping_mode is not "
+                         "'ekfac': capture them with the model's plain probes")
     if not cfg.store:
         new = {k: factors[k] for k in stats}
         dec, good = S.decompose(new, new)
@@ -345,13 +365,16 @@ def _statistics_step(cfg: _Config, specs, state: KFACState, updates, kfac_stats,
     def invert(carry):
         factors, layers = carry
         if cfg.exact:
-            factors = S.commit_eigen(factors, *S.decompose(factors, factors))
+            dec, good = S.decompose(factors, factors)
+            factors = S.commit_eigen(factors, dec, good)
+            if cfg.ekfac:
+                layers = E.restart_diagonals(specs, layers, good)
             return factors, S.exact_flags(specs, factors, layers)
         return factors, S.invert_layers(specs, factors, layers, lam, cfg.method, *ns)
 
     last = state.last_inversion
     due = (last < 0) | (state.count - last >= invert_every)
-    factors, layers = jax.lax.cond(due, invert, lambda c: c, (factors, state.layers))
+    factors, layers = jax.lax.cond(due, invert, lambda c: c, (factors, layers))
     return state._replace(factors=factors, layers=layers,
                           last_inversion=jnp.where(due, state.count, last),
                           num_inversions=state.num_inversions + due.astype(jnp.int32))
