@@ -47,6 +47,11 @@ ARMS: dict[str, dict[str, Any]] = {
     "kfac-post": {"optimizer": "kfac", "clip": "post"},
 }
 
+#: Keys whose values are traced arguments of the compiled steps (kept in the
+#: optimizer state, see :mod:`kfac_jax_peft.finetune.optim`): runs that differ
+#: only in them (and the seed) share one compilation.
+TRACED = ("learning_rate", "max_norm", "weight_decay", "damping", "decay", "fisher_damping")
+
 #: Deprecated key -> its new name (read until the next release).
 RENAMED = {"save_every": "checkpoint_every", "fisher_damping_mode": "fisher_damping_scale"}
 

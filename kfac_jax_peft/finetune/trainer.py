@@ -29,8 +29,17 @@ What a run guarantees:
   remaining steps is the longer run's). Resuming a finished run returns
   its stored result and writes nothing.
 * **Honest wall-clock.** Every step kind is compiled for every padded
-  length before the clock starts (``precompile``); evaluation,
-  checkpointing and diagnostics are outside it.
+  length before the clock starts (``precompile``, with a "compiling N step
+  variants" count-down on stderr); evaluation, checkpointing and
+  diagnostics are outside it.
+* **One compilation for a sweep.** The hyperparameters of
+  :data:`~kfac_jax_peft.finetune.config.TRACED` are arrays in the optimizer
+  state, not constants of the steps (:mod:`kfac_jax_peft.finetune.optim`),
+  so the compiled steps of the last run built in this process are reused
+  by the next run whose configuration differs only in them, the seed, the
+  run folder or the loop's intervals (:func:`compile_signature`); across
+  processes, JAX's persistent cache (:func:`enable_compilation_cache`)
+  does the same.
 
 Run folder::
 
@@ -57,7 +66,7 @@ from kfac_jax_peft import curves
 from kfac_jax_peft import data as D
 from kfac_jax_peft.clipping import clip_stats
 from kfac_jax_peft.finetune import checkpoint as C
-from kfac_jax_peft.finetune.config import PER_SAMPLE, TrainConfig, check_inputs
+from kfac_jax_peft.finetune.config import PER_SAMPLE, TRACED, TrainConfig, check_inputs
 from kfac_jax_peft.finetune.devices import Placement, num_devices
 from kfac_jax_peft.finetune.logs import MetricsLog, Stopwatch
 from kfac_jax_peft.finetune.model import build_task_model
@@ -96,12 +105,47 @@ class RunResult:
 
 def enable_compilation_cache(path: str) -> None:
     """Keep compiled steps in ``path`` (JAX's persistent compilation cache),
-    so that runs differing only in seed, data or run folder skip XLA
-    compilation. A process-wide JAX setting."""
+    so that runs differing only in seed, data, run folder or the traced
+    hyperparameters skip XLA compilation. A process-wide JAX setting."""
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+#: Keys that do not enter the compiled steps when the hyperparameters are
+#: traced: runs that differ only in them share one compilation.
+PER_RUN = TRACED + ("seed", "output_dir", "progress", "precompile", "eval_every",
+                    "checkpoint_every", "log_every")
+
+
+def compile_signature(cfg: TrainConfig, devices: int = 1) -> str:
+    """What the compiled steps of a run of ``cfg`` depend on: its
+    configuration without :data:`PER_RUN`, and the number of devices. Two
+    runs with the same signature run the same compiled programs."""
+    import json
+
+    d = {k: v for k, v in cfg.to_dict().items() if k not in PER_RUN}
+    return json.dumps({**d, "devices": devices}, sort_keys=True)
+
+
+@dataclasses.dataclass
+class _Compiled:
+    """The compiled steps of a run, and the ``(kind, padded length)``
+    variants already run once (compiled)."""
+
+    place: Placement
+    train_steps: dict[str, Callable]
+    eval_step: Callable
+    diagnose: Callable
+    uses_stats: bool
+    warm: set = dataclasses.field(default_factory=set)
+
+
+#: The compiled steps of the last run built in this process, by signature
+#: (one entry: a process that trains one configuration after another keeps
+#: only the last one's programs).
+_COMPILED: dict[str, _Compiled] = {}
 
 
 @dataclasses.dataclass
@@ -123,6 +167,7 @@ class _Run:
     trainable_params: str
     initial: TrainState
     checkpoints: C.Checkpoints
+    compiled: _Compiled | None = None
     clock: Stopwatch = dataclasses.field(default_factory=Stopwatch)
     log: MetricsLog | None = None
     meta: dict = dataclasses.field(default_factory=dict)
@@ -131,7 +176,7 @@ class _Run:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, data: Data | None = None,
-          stop_after: int | None = None) -> RunResult:
+          stop_after: int | None = None, traced: bool = True) -> RunResult:
     """Fine-tune ``cfg.model`` on ``cfg.task``; see the module docstring.
 
     ``resume``: continue the run in ``cfg.output_dir`` from its latest
@@ -141,17 +186,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, data: Data | None = None,
     trainable parameters read from its checkpoint). ``data``: pre-loaded
     data (otherwise loaded from ``cfg``). ``stop_after``: stop (after
     checkpointing) once this step is reached, without the final test
-    evaluation; used to test resumption.
+    evaluation; used to test resumption. ``traced=False`` compiles the
+    hyperparameters in as constants and builds fresh steps (the behaviour
+    before they were traced; ``benchmarks/compile.py`` compares both).
     """
     check_inputs(cfg, resume=resume)  # the files, before anything is loaded
     extension = C.check_resume(cfg) if resume else {}
     if resume and not extension and C.finished_result(cfg.output_dir) is not None:
         return _stored_result(cfg)
-    run = _build(cfg, data or load_data(cfg), num_devices(cfg))
+    run = _build(cfg, data or load_data(cfg), num_devices(cfg), traced)
     state = _restore_or_init(run, resume, extension)
     start = int(run.meta["step"])
     if cfg.precompile:
-        run.log.write("compile", step=start, seconds=_precompile(run, state))
+        seconds, variants = _precompile(run, state)
+        run.log.write("compile", step=start, seconds=seconds, variants=variants)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     state = _train_until(run, state, start, end)
     return _finish(run, state, end)
@@ -167,27 +215,39 @@ def _stored_result(cfg: TrainConfig) -> RunResult:
     return RunResult(**C.finished_result(cfg.output_dir), trainable=trainable)
 
 
-def _build(cfg: TrainConfig, data: Data, n: int) -> _Run:
-    """The model, the optimizer and the compiled steps of a run."""
+def _build(cfg: TrainConfig, data: Data, n: int, traced: bool = True) -> _Run:
+    """The model, the optimizer and the compiled steps of a run (those of the
+    previous run when its :func:`compile_signature` is the same)."""
     model, variables = build_task_model(cfg, data.spec)
     trainable, frozen = split_trainable(variables["params"])
-    place = Placement(n)
-    tx = build_optimizer(cfg, axis_name=place.axis_name, input_groups=model.input_groups)
-    per_sample = cfg.optimizer if cfg.optimizer in PER_SAMPLE else None
-    steps = make_steps(model, tx, axis_name=place.axis_name, per_sample=per_sample,
-                       num_samples=cfg.num_samples)
+    key = compile_signature(cfg, n) if traced else None
+    compiled = _COMPILED.get(key) if key is not None else None
+    place = compiled.place if compiled is not None else Placement(n)
+    tx = build_optimizer(cfg, axis_name=place.axis_name, input_groups=model.input_groups,
+                         traced=traced)
     probes = variables.get("kfac")
     uses_stats = cfg.optimizer == "kfac" and probes is not None
+    if compiled is None:
+        per_sample = cfg.optimizer if cfg.optimizer in PER_SAMPLE else None
+        steps = make_steps(model, tx, axis_name=place.axis_name, per_sample=per_sample,
+                           num_samples=cfg.num_samples)
+        compiled = _Compiled(
+            place=place,
+            # the state is donated: the step updates it in place
+            train_steps={k: place.compile(steps.train[k], donate_argnums=(0,))
+                         for k in step_kinds(cfg, uses_stats)},
+            eval_step=place.compile(steps.eval), diagnose=place.compile(steps.diagnose),
+            uses_stats=uses_stats)
+        _COMPILED.clear()
+        if key is not None:
+            _COMPILED[key] = compiled
     return _Run(
-        cfg=cfg, data=data, place=place,
-        # the state is donated: the step updates it in place
-        train_steps={k: place.compile(steps.train[k], donate_argnums=(0,))
-                     for k in step_kinds(cfg, uses_stats)},
-        eval_step=place.compile(steps.eval), diagnose=place.compile(steps.diagnose),
+        cfg=cfg, data=data, place=place, train_steps=compiled.train_steps,
+        eval_step=compiled.eval_step, diagnose=compiled.diagnose,
         fixed=place.put(Fixed(frozen, probes if uses_stats else None)),
         uses_stats=uses_stats, trainable_params=count_trainable(variables["params"]),
         initial=init_state(trainable, tx, cfg.seed),
-        checkpoints=C.Checkpoints(cfg.output_dir))
+        checkpoints=C.Checkpoints(cfg.output_dir), compiled=compiled)
 
 
 def _restore_or_init(run: _Run, resume: bool, extension: dict) -> TrainState:
@@ -364,19 +424,50 @@ def _finish(run: _Run, state: TrainState, end: int) -> RunResult:
     return result
 
 
-def _precompile(run: _Run, state: TrainState) -> float:
-    """Run every step kind once on every padded length, on copies of the
-    state (the steps donate it); returns the seconds spent."""
+def _precompile(run: _Run, state: TrainState) -> tuple[float, int]:
+    """Run every step kind once on every padded length not yet run in this
+    process, on copies of the state (the steps donate it), with a count-down
+    on stderr; returns the seconds spent and the number of variants."""
     cfg, data = run.cfg, run.data
     t0 = time.perf_counter()
+    todo = [(kind, length) for length in padded_lengths(cfg, data)
+            for kind in run.train_steps if (kind, length) not in run.compiled.warm]
+    if not todo:
+        return 0.0, 0
     first = next(D.train_batches(data.train, cfg.batch_size, seed=cfg.seed,
                                  pad_to_multiple_of=cfg.pad_to_multiple_of))
-    for length in padded_lengths(cfg, data):
+    say = _countdown(len(todo)) if cfg.progress else (lambda left, seconds=None: None)
+    for i, (kind, length) in enumerate(todo):
+        say(len(todo) - i)
         batch = run.place.shard(resize(first, length, data.train.pad_id))
-        outs = [step(jax.tree_util.tree_map(lambda x: x.copy(), state), run.fixed, batch)
-                for step in run.train_steps.values()]
-        jax.block_until_ready(outs)
-    return time.perf_counter() - t0
+        out = run.train_steps[kind](jax.tree_util.tree_map(lambda x: x.copy(), state),
+                                    run.fixed, batch)
+        jax.block_until_ready(out)
+        run.compiled.warm.add((kind, length))
+    seconds = time.perf_counter() - t0
+    say(0, seconds)
+    return seconds, len(todo)
+
+
+def _countdown(total: int) -> Callable:
+    """``say(left, seconds=None)``: one stderr line "compiling N step
+    variants: k left", rewritten in place on a terminal (a line each
+    otherwise), ended with the seconds spent."""
+    import sys
+
+    tty = sys.stderr.isatty()
+    t0 = time.perf_counter()
+
+    def say(left: int, seconds: float | None = None) -> None:
+        head = f"compiling {total} step variant{'s' if total > 1 else ''}"
+        if seconds is not None:
+            text = f"{head}: done in {seconds:.1f} s"
+        else:
+            text = f"{head}: {left} left ({time.perf_counter() - t0:.0f} s)"
+        end = "\n" if seconds is not None or not tty else ""
+        print(("\r\033[K" if tty else "") + text, end=end, file=sys.stderr, flush=True)
+
+    return say
 
 
 def _clip_counts(place: Placement, opt_state) -> tuple[int, int, float | None]:
@@ -406,5 +497,6 @@ def steps_to_reach(records: list[dict], target: float) -> int | None:
     return curves.steps_to_reach([r["step"] for r in train], [r["loss"] for r in train], target)
 
 
-__all__ = ["Data", "RunResult", "Stopwatch", "enable_compilation_cache", "evaluate",
+__all__ = ["Data", "RunResult", "Stopwatch", "compile_signature", "enable_compilation_cache",
+           "evaluate",
            "load_data", "num_devices", "steps_to_reach", "train"]

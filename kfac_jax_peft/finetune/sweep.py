@@ -1,0 +1,144 @@
+"""Hyperparameter grids that compile once.
+
+:func:`sweep` trains every point of a grid over the traced hyperparameters
+(:data:`~kfac_jax_peft.finetune.config.TRACED`: ``learning_rate``,
+``max_norm``, ``weight_decay``, ``damping``, ``decay``, ``fisher_damping``)
+and every seed, into ``<output_dir>/<point>/seed<k>`` (``<point>`` such as
+``learning_rate=0.01,damping=0.001``). These values are arrays in the
+optimizer state, so all runs share the compiled steps of the first: one
+compilation per step kind and padded length for the whole grid.
+
+As with :func:`~kfac_jax_peft.finetune.compare.compare`, whose run
+handling it uses, a finished run is read back and an interrupted one
+resumed when the sweep is run again. The summary: per point, the mean and
+standard deviation over seeds of the validation and test metrics, the
+final training loss and the wall-clock; the best point is the one with the
+highest mean validation metric (the test metric is reported, never used to
+choose). Written: ``sweep.json`` and ``sweep.png`` (the validation metric
+against each swept value).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from kfac_jax_peft.finetune.compare import _check_same_config, _run, finished
+from kfac_jax_peft.finetune.config import TRACED, ConfigError, TrainConfig, check_inputs
+from kfac_jax_peft.finetune.trainer import Data, load_data
+
+
+def grid_points(grid: Mapping[str, Sequence[float]]) -> list[dict[str, float]]:
+    """Every combination of the grid's values, in the order given (the
+    first key varies slowest). Keys must be traced hyperparameters, each
+    with at least one value and no repeats."""
+    if not grid:
+        raise ConfigError("grid", f"must vary at least one of {', '.join(TRACED)}")
+    for key, values in grid.items():
+        if key not in TRACED:
+            raise ConfigError(key, f"cannot be swept: a sweep varies only the traced "
+                              f"hyperparameters ({', '.join(TRACED)}), which share one "
+                              "compilation; sweep other keys with separate runs")
+        if not values:
+            raise ConfigError(key, "must list at least one value for the sweep")
+        if len(set(values)) < len(values):
+            raise ConfigError(key, f"must not repeat a value in the sweep, got {list(values)}")
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*grid.values())]
+
+
+def point_name(point: Mapping[str, float]) -> str:
+    """The folder name of a grid point: ``key=value`` pairs joined by commas."""
+    return ",".join(f"{k}={v:g}" for k, v in point.items())
+
+
+def sweep(base: TrainConfig, grid: Mapping[str, Sequence[float]], seeds: Sequence[int], *,
+          data: Data | None = None, plot: bool = True) -> dict[str, Any]:
+    """Train the grid (see the module docstring); returns ``{"rows": [one
+    per point], "best": the best row}`` and writes ``sweep.json`` and (with
+    ``plot``) ``sweep.png`` into ``base.output_dir``. Every run's config is
+    made (and so checked) before anything is trained."""
+    points = grid_points(grid)
+    if not seeds or len(set(seeds)) < len(seeds):
+        raise ConfigError("seeds", "must name at least one seed, without repeats")
+    configs = {}
+    for point in points:
+        for seed in seeds:
+            out = os.path.join(base.output_dir, point_name(point), f"seed{seed}")
+            configs[point_name(point), seed] = base.replace(**point, seed=seed, output_dir=out)
+    check_inputs(base, resume=None)
+    for cfg in configs.values():  # a run of another configuration there: before training
+        _check_same_config(cfg)
+        finished(cfg)
+    data = data or load_data(base)
+    results = {key: _run(cfg, data) for key, cfg in configs.items()}
+    rows = [_row(point, [results[point_name(point), s] for s in seeds]) for point in points]
+    best = max(rows, key=lambda r: r["validation_mean"])  # the first of equals
+    summary = {"task": base.task, "grid": {k: list(v) for k, v in grid.items()},
+               "seeds": list(seeds), "rows": rows, "best": best}
+    with open(os.path.join(base.output_dir, "sweep.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    if plot:
+        plot_sweep(rows, list(grid), os.path.join(base.output_dir, "sweep.png"),
+                   title=f"{base.task}: validation metric over {len(seeds)} seed(s)")
+    return {"rows": rows, "best": best}
+
+
+def _row(point: Mapping[str, float], results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    def stats(values):
+        return float(np.mean(values)), float(np.std(values))
+
+    val_mean, val_std = stats([r["validation"]["main"] for r in results])
+    test_mean, test_std = stats([r["test"]["main"] for r in results])
+    return {"point": point_name(point), **point, "validation_mean": val_mean,
+            "validation_std": val_std, "test_mean": test_mean, "test_std": test_std,
+            "final_loss": float(np.mean([r["final_loss"] for r in results])),
+            "wall_clock": float(np.mean([r["wall_clock"] for r in results]))}
+
+
+def format_sweep(rows: Sequence[Mapping[str, Any]], best: Mapping[str, Any]) -> str:
+    """A Markdown table of :func:`sweep`'s rows, the best point marked."""
+    lines = ["| point | validation (mean ± std) | test (mean ± std) | final train loss | "
+             "wall-clock (s) |", "|---|---|---|---|---|"]
+    for r in rows:
+        mark = " (best)" if r["point"] == best["point"] else ""
+        lines.append(f"| {r['point']}{mark} | {r['validation_mean']:.4f} ± "
+                     f"{r['validation_std']:.4f} | {r['test_mean']:.4f} ± {r['test_std']:.4f} "
+                     f"| {r['final_loss']:.4f} | {r['wall_clock']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], out: str, *,
+               title: str | None = None) -> str:
+    """One panel per swept key: the mean validation metric of every grid
+    point against that key's value (log axis when all values are
+    positive), the best point starred. Returns ``out``."""
+    from kfac_jax_peft.finetune.plots import _pyplot
+
+    plt = _pyplot()
+    best = max(rows, key=lambda r: r["validation_mean"])
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        xs = [r[key] for r in rows]
+        ax.errorbar(xs, [r["validation_mean"] for r in rows],
+                    yerr=[r["validation_std"] for r in rows], fmt="o", markersize=4, alpha=0.8)
+        ax.plot([best[key]], [best["validation_mean"]], "*", markersize=14, label="best")
+        if all(x > 0 and math.isfinite(x) for x in xs):
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel("validation metric")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
