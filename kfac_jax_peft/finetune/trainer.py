@@ -52,6 +52,7 @@ Run folder::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -298,7 +299,7 @@ def _train_until(run: _Run, state: TrainState, start: int, end: int) -> TrainSta
     stream = D.train_batches(run.data.train, cfg.batch_size, seed=cfg.seed, start_step=start,
                              pad_to_multiple_of=cfg.pad_to_multiple_of)
     window: list[jax.Array] = []
-    run.bar = _progress(cfg, start, end)
+    run.bar = _progress(cfg, start, end, run.clock)
     run.clock.start()
     for step in range(start, end):
         batch = place.shard(next(stream))
@@ -321,9 +322,10 @@ def _train_until(run: _Run, state: TrainState, start: int, end: int) -> TrainSta
                     _evaluate_and_keep_best(run, state, done)
                 if saving:
                     _checkpoint(run, state, done)
-        if run.bar is not None:
-            run.bar.update(1)
+                if run.bar is not None:
+                    run.bar.sync(done)
     if run.bar is not None:
+        run.bar.sync(end)
         run.bar.close()
     return state
 
@@ -353,9 +355,9 @@ def _log_train(run: _Run, state: TrainState, window: list, diag: dict, done: int
     run.meta.update(last_loss=mean_loss, clip_counts=(calls, clipped))
     run.log.write("train", step=done, loss=mean_loss, lr=lr, clip_rate=rate,
                   update_norm=norm, wall_clock=wall, **diag)
-    if run.bar is not None:
-        run.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
-                            clip="-" if rate is None else f"{rate:.2f}")
+    if run.bar is not None:  # the losses are on the host: the steps are done
+        run.bar.sync(done, loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
+                     clip="-" if rate is None else f"{rate:.2f}")
 
 
 def _stop(run: _Run, done: int, what: str) -> None:
@@ -480,13 +482,93 @@ def _clip_counts(place: Placement, opt_state) -> tuple[int, int, float | None]:
     return (int(count), int(num_clipped), norm)
 
 
-def _progress(cfg: TrainConfig, start: int, end: int):
-    if not cfg.progress:
-        return None
-    from tqdm.auto import tqdm
+def _progress(cfg: TrainConfig, start: int, end: int, clock: Stopwatch):
+    return ProgressBar(f"{cfg.task} {cfg.optimizer}/{cfg.clip}", start, end, clock) \
+        if cfg.progress else None
 
-    return tqdm(total=end, initial=start, desc=f"{cfg.task} {cfg.optimizer}/{cfg.clip}",
-                unit="step", dynamic_ncols=True)
+
+class ProgressBar:
+    """The progress bar of a run (tqdm, on stderr).
+
+    It moves only where the loop has waited for the device (log steps,
+    evaluations, checkpoints: :meth:`sync`), so it counts finished steps,
+    not dispatched ones; its rate and ETA are steps per second of the run's
+    :class:`~kfac_jax_peft.finetune.logs.Stopwatch` from the first such
+    point on, so neither the burst of asynchronous dispatch of the first
+    steps nor evaluation and checkpointing enter them (the rate reads "?"
+    until the second point). While it is shown, log records (absl's,
+    orbax's) and warnings are written on their own lines above it instead
+    of into its line.
+    """
+
+    def __init__(self, desc: str, start: int, end: int, clock: Stopwatch, file=None):
+        import sys
+
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=end, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+                        smoothing=0, file=file or sys.stderr)
+        self.clock, self.origin = clock, None
+        self._above = _log_above(self.bar)
+        self._above.__enter__()
+
+    def sync(self, done: int, **postfix) -> None:
+        """``done`` steps are finished (the caller has waited for them)."""
+        seconds = self.clock.read()
+        if self.origin is None:
+            self.origin = seconds
+            self.bar.initial = done  # the rate counts from here
+        self.bar.n = done
+        self.bar.start_t = self.bar._time() - (seconds - self.origin)
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self._above.__exit__(None, None, None)
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def _log_above(bar):
+    """Log records and warnings go above ``bar`` (``tqdm.write``) while
+    inside: console handlers of the root and absl loggers write through it,
+    and so does a handler added to the root logger when it has none (absl
+    records would otherwise reach Python's last-resort handler, which writes
+    into the bar's line)."""
+    import io
+    import logging
+    import sys
+    import warnings
+
+    class Above(io.TextIOBase):
+        def write(self, text):
+            if text.strip():
+                bar.write(text.rstrip("\n"), file=bar.fp)
+            return len(text)
+
+    stream, swapped = Above(), []
+    root = logging.getLogger()
+    for handler in root.handlers + logging.getLogger("absl").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stderr,
+                                                                              sys.stdout):
+            swapped.append((handler, handler.setStream(stream)))
+    added = None
+    if not root.handlers and not logging.getLogger("absl").handlers:  # the last resort's case
+        added = logging.StreamHandler(stream)
+        added.setLevel(logging.WARNING)
+        root.addHandler(added)
+    show = warnings.showwarning
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+        stream.write(warnings.formatwarning(message, category, filename, lineno, line))
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+        if added is not None:
+            root.removeHandler(added)
+        for handler, old in swapped:
+            handler.setStream(old)
 
 
 def steps_to_reach(records: list[dict], target: float) -> int | None:
@@ -497,6 +579,6 @@ def steps_to_reach(records: list[dict], target: float) -> int | None:
     return curves.steps_to_reach([r["step"] for r in train], [r["loss"] for r in train], target)
 
 
-__all__ = ["Data", "RunResult", "Stopwatch", "compile_signature", "enable_compilation_cache",
-           "evaluate",
-           "load_data", "num_devices", "steps_to_reach", "train"]
+__all__ = ["Data", "ProgressBar", "RunResult", "Stopwatch", "compile_signature",
+           "enable_compilation_cache", "evaluate", "load_data", "num_devices",
+           "steps_to_reach", "train"]
