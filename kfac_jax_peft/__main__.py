@@ -162,16 +162,13 @@ def _where(key: str, args) -> str:
     return key
 
 
-def _cache(args, parent: str) -> None:
-    """JAX's persistent compilation cache: ``--compilation-cache DIR``, or
-    ``parent/.compilation_cache`` (the folder that holds the run folders);
-    none with ``--no-compilation-cache``."""
+def _cache_dir(args, parent: str) -> str | None:
+    """The folder of JAX's persistent compilation cache: ``--compilation-cache
+    DIR``, or ``parent/.compilation_cache`` (the folder that holds the run
+    folders); None with ``--no-compilation-cache``."""
     if args.no_compilation_cache:
-        return
-    from kfac_jax_peft.finetune import enable_compilation_cache
-
-    enable_compilation_cache(args.compilation_cache
-                             or os.path.join(parent, ".compilation_cache"))
+        return None
+    return args.compilation_cache or os.path.join(parent, ".compilation_cache")
 
 
 def _train(args) -> int:
@@ -180,7 +177,11 @@ def _train(args) -> int:
 
     cfg = _config(args)
     check_inputs(cfg, resume=args.resume)
-    _cache(args, os.path.dirname(os.path.abspath(cfg.output_dir)))
+    cache = _cache_dir(args, os.path.dirname(os.path.abspath(cfg.output_dir)))
+    if cache:
+        from kfac_jax_peft.finetune import enable_compilation_cache
+
+        enable_compilation_cache(cache)
     result = train(cfg, resume=args.resume)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
@@ -232,8 +233,8 @@ def _compare(args) -> int:
 
     cfg = _config(args)
     overrides = _arm_overrides(args.arm_overrides)
-    _cache(args, cfg.output_dir)  # compare() checks the arms, then the files
-    rows = compare(cfg, args.arms, args.seeds, overrides=overrides, reference=args.reference)
+    rows = compare(cfg, args.arms, args.seeds, overrides=overrides, reference=args.reference,
+                   compilation_cache=_cache_dir(args, cfg.output_dir))
     print(format_rows(rows))
     print(f"summary and plot in {cfg.output_dir}")
     return 0
@@ -245,8 +246,7 @@ def _sweep(args) -> int:
     cfg = _config(args)
     grid = {key: values for key in _GRID_FLAGS
             if (values := getattr(args, f"grid_{key}")) is not None}
-    _cache(args, cfg.output_dir)
-    out = sweep(cfg, grid, args.seeds)
+    out = sweep(cfg, grid, args.seeds, compilation_cache=_cache_dir(args, cfg.output_dir))
     print(format_sweep(out["rows"], out["best"]))
     best = out["best"]
     print(f"best on validation: {best['point']} (validation {best['validation_mean']:.4f}, "

@@ -80,9 +80,9 @@ def test_grid_points_refuses_untraced_keys_and_repeats():
         grid_points({"learning_rate": [0.1, 0.1]})
 
 
-def test_grid_of_three_learning_rates_compiles_each_step_kind_once(folders, tmp_path):
+def test_grid_of_three_learning_rates_compiles_each_step_kind_once(folders, tmp_path, capsys):
     trainer._COMPILED.clear()  # nothing compiled by an earlier test is reused
-    cfg = _cfg(folders, tmp_path / "sweep")
+    cfg = _cfg(folders, tmp_path / "sweep", progress=True)
     with _CompileCounter() as counter:
         out = sweep(cfg, {"learning_rate": [0.01, 0.03, 0.1]}, seeds=[0], plot=True)
     lengths = padded_lengths(cfg, trainer.load_data(cfg))
@@ -90,6 +90,10 @@ def test_grid_of_three_learning_rates_compiles_each_step_kind_once(folders, tmp_
     assert counter.counts["stats_step"] == len(lengths), counter.counts
     assert counter.counts["plain_step"] == len(lengths)
     assert counter.counts["eval_step"] >= 1
+    # the count-down is shown once, for the first run: the others compile nothing
+    err = capsys.readouterr().err
+    assert f"compiling {2 * len(lengths)} step variants: {2 * len(lengths)} left" in err
+    assert err.count("step variants: done in") == 1
     rows = out["rows"]
     assert [r["learning_rate"] for r in rows] == [0.01, 0.03, 0.1]
     assert out["best"]["validation_mean"] == max(r["validation_mean"] for r in rows)

@@ -31,7 +31,7 @@ import numpy as np
 
 from kfac_jax_peft.finetune.compare import _check_same_config, _run, finished
 from kfac_jax_peft.finetune.config import TRACED, ConfigError, TrainConfig, check_inputs
-from kfac_jax_peft.finetune.trainer import Data, load_data
+from kfac_jax_peft.finetune.trainer import Data, enable_compilation_cache, load_data
 
 
 def grid_points(grid: Mapping[str, Sequence[float]]) -> list[dict[str, float]]:
@@ -59,11 +59,13 @@ def point_name(point: Mapping[str, float]) -> str:
 
 
 def sweep(base: TrainConfig, grid: Mapping[str, Sequence[float]], seeds: Sequence[int], *,
-          data: Data | None = None, plot: bool = True) -> dict[str, Any]:
+          data: Data | None = None, plot: bool = True,
+          compilation_cache: str | None = None) -> dict[str, Any]:
     """Train the grid (see the module docstring); returns ``{"rows": [one
     per point], "best": the best row}`` and writes ``sweep.json`` and (with
     ``plot``) ``sweep.png`` into ``base.output_dir``. Every run's config is
-    made (and so checked) before anything is trained."""
+    made (and so checked) before anything is trained; ``compilation_cache``
+    (a folder for JAX's persistent cache) is enabled after the checks."""
     points = grid_points(grid)
     if not seeds or len(set(seeds)) < len(seeds):
         raise ConfigError("seeds", "must name at least one seed, without repeats")
@@ -76,6 +78,8 @@ def sweep(base: TrainConfig, grid: Mapping[str, Sequence[float]], seeds: Sequenc
     for cfg in configs.values():  # a run of another configuration there: before training
         _check_same_config(cfg)
         finished(cfg)
+    if compilation_cache:
+        enable_compilation_cache(compilation_cache)
     data = data or load_data(base)
     results = {key: _run(cfg, data) for key, cfg in configs.items()}
     rows = [_row(point, [results[point_name(point), s] for s in seeds]) for point in points]
