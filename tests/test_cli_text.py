@@ -146,3 +146,29 @@ def test_written_files_have_the_mode_of_open(tmp_path):
         os.umask(old)
     assert sorted(os.listdir(tmp_path)) == ["best.safetensors", "private.safetensors",
                                             "results.json"]  # no temporary file left
+
+
+def test_sweep_command_passes_its_grid_and_the_cache_folder(monkeypatch, capsys, tmp_path):
+    from kfac_jax_peft.finetune import sweep as sweep_module
+
+    seen = {}
+
+    def fake(cfg, grid, seeds, **kw):
+        seen.update(cfg=cfg, grid=grid, seeds=seeds, **kw)
+        row = {"point": "learning_rate=0.1", "learning_rate": 0.1, "validation_mean": 0.7,
+               "validation_std": 0.0, "test_mean": 0.6, "test_std": 0.0, "final_loss": 0.5,
+               "wall_clock": 1.0}
+        return {"rows": [row], "best": row}
+
+    monkeypatch.setattr(sweep_module, "sweep", fake)
+    out = tmp_path / "sw"
+    assert main(["sweep", "--model", "m", "--output-dir", str(out), "--learning-rate", "0.01",
+                 "0.1", "--damping", "1e-3", "--seeds", "0", "1"]) == 0
+    assert seen["grid"] == {"learning_rate": [0.01, 0.1], "damping": [1e-3]}
+    assert seen["seeds"] == [0, 1]
+    assert seen["compilation_cache"] == os.path.join(str(out), ".compilation_cache")
+    text = capsys.readouterr().out
+    assert "best on validation: learning_rate=0.1" in text and "(best)" in text
+    main(["sweep", "--model", "m", "--output-dir", str(out), "--learning-rate", "0.1",
+          "--no-compilation-cache"])
+    assert seen["compilation_cache"] is None
