@@ -249,6 +249,9 @@ def _sweep(args) -> int:
     out = sweep(cfg, grid, args.seeds, compilation_cache=_cache_dir(args, cfg.output_dir))
     print(format_sweep(out["rows"], out["best"]))
     best = out["best"]
+    if best is None:
+        print(f"every point diverged; table in {cfg.output_dir}/sweep.json")
+        return 1
     print(f"best on validation: {best['point']} (validation {best['validation_mean']:.4f}, "
           f"test {best['test_mean']:.4f}); table in {cfg.output_dir}/sweep.json, plot in "
           f"{cfg.output_dir}/sweep.png")

@@ -157,7 +157,7 @@ def test_sweep_command_passes_its_grid_and_the_cache_folder(monkeypatch, capsys,
         seen.update(cfg=cfg, grid=grid, seeds=seeds, **kw)
         row = {"point": "learning_rate=0.1", "learning_rate": 0.1, "validation_mean": 0.7,
                "validation_std": 0.0, "test_mean": 0.6, "test_std": 0.0, "final_loss": 0.5,
-               "wall_clock": 1.0}
+               "wall_clock": 1.0, "diverged": 0}
         return {"rows": [row], "best": row}
 
     monkeypatch.setattr(sweep_module, "sweep", fake)

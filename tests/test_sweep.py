@@ -80,6 +80,19 @@ def test_grid_points_refuses_untraced_keys_and_repeats():
         grid_points({"learning_rate": [0.1, 0.1]})
 
 
+def test_a_diverged_point_is_recorded_not_chosen():
+    from kfac_jax_peft.finetune.sweep import _row
+
+    ok = {"validation": {"main": 0.75}, "test": {"main": 0.5}, "final_loss": 0.3,
+          "wall_clock": 2.0}
+    half = _row({"learning_rate": 0.1}, [ok, {"diverged": "loss became nan"}])
+    assert half["validation_mean"] == 0.75 and half["diverged"] == 1
+    none = _row({"learning_rate": 10.0}, [{"diverged": "loss became nan"}])
+    assert none["validation_mean"] is None and none["diverged"] == 1
+    table = format_sweep([half, none], half)
+    assert "learning_rate=0.1 (best)" in table and "| learning_rate=10 | - |" in table
+
+
 def test_grid_of_three_learning_rates_compiles_each_step_kind_once(folders, tmp_path, capsys):
     trainer._COMPILED.clear()  # nothing compiled by an earlier test is reused
     cfg = _cfg(folders, tmp_path / "sweep", progress=True)

@@ -14,8 +14,12 @@ resumed when the sweep is run again. The summary: per point, the mean and
 standard deviation over seeds of the validation and test metrics, the
 final training loss and the wall-clock; the best point is the one with the
 highest mean validation metric (the test metric is reported, never used to
-choose). Written: ``sweep.json`` and ``sweep.png`` (the validation metric
-against each swept value).
+choose). A run whose parameters turn non-finite (a learning rate too
+large) stops as it would alone (:func:`~kfac_jax_peft.finetune.train`
+raises ``FloatingPointError``); the sweep records it as diverged and goes
+on: a point's means are over its seeds that finished (``None`` when none
+did) and ``diverged`` counts the others. Written: ``sweep.json`` and
+``sweep.png`` (the validation metric against each swept value).
 """
 
 from __future__ import annotations
@@ -81,9 +85,10 @@ def sweep(base: TrainConfig, grid: Mapping[str, Sequence[float]], seeds: Sequenc
     if compilation_cache:
         enable_compilation_cache(compilation_cache)
     data = data or load_data(base)
-    results = {key: _run(cfg, data) for key, cfg in configs.items()}
+    results = {key: _run_or_diverged(cfg, data) for key, cfg in configs.items()}
     rows = [_row(point, [results[point_name(point), s] for s in seeds]) for point in points]
-    best = max(rows, key=lambda r: r["validation_mean"])  # the first of equals
+    finite = [r for r in rows if r["validation_mean"] is not None]
+    best = max(finite, key=lambda r: r["validation_mean"]) if finite else None  # first of equals
     summary = {"task": base.task, "grid": {k: list(v) for k, v in grid.items()},
                "seeds": list(seeds), "rows": rows, "best": best}
     with open(os.path.join(base.output_dir, "sweep.json"), "w") as f:
@@ -94,27 +99,45 @@ def sweep(base: TrainConfig, grid: Mapping[str, Sequence[float]], seeds: Sequenc
     return {"rows": rows, "best": best}
 
 
-def _row(point: Mapping[str, float], results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    def stats(values):
-        return float(np.mean(values)), float(np.std(values))
+def _run_or_diverged(cfg: TrainConfig, data: Data) -> dict[str, Any]:
+    """The run's results, or ``{"diverged": message}`` when it stopped on a
+    non-finite state."""
+    try:
+        return _run(cfg, data)
+    except FloatingPointError as e:
+        return {"diverged": str(e)}
 
-    val_mean, val_std = stats([r["validation"]["main"] for r in results])
-    test_mean, test_std = stats([r["test"]["main"] for r in results])
-    return {"point": point_name(point), **point, "validation_mean": val_mean,
-            "validation_std": val_std, "test_mean": test_mean, "test_std": test_std,
-            "final_loss": float(np.mean([r["final_loss"] for r in results])),
-            "wall_clock": float(np.mean([r["wall_clock"] for r in results]))}
+
+def _row(point: Mapping[str, float], results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    done = [r for r in results if "diverged" not in r]
+
+    def mean(values):
+        return float(np.mean(values)) if done else None
+
+    def std(values):
+        return float(np.std(values)) if done else None
+
+    val = [r["validation"]["main"] for r in done]
+    test = [r["test"]["main"] for r in done]
+    return {"point": point_name(point), **point, "validation_mean": mean(val),
+            "validation_std": std(val), "test_mean": mean(test), "test_std": std(test),
+            "final_loss": mean([r["final_loss"] for r in done]),
+            "wall_clock": mean([r["wall_clock"] for r in done]),
+            "diverged": len(results) - len(done)}
 
 
 def format_sweep(rows: Sequence[Mapping[str, Any]], best: Mapping[str, Any]) -> str:
     """A Markdown table of :func:`sweep`'s rows, the best point marked."""
     lines = ["| point | validation (mean ± std) | test (mean ± std) | final train loss | "
-             "wall-clock (s) |", "|---|---|---|---|---|"]
+             "wall-clock (s) | diverged |", "|---|---|---|---|---|---|"]
     for r in rows:
-        mark = " (best)" if r["point"] == best["point"] else ""
+        mark = " (best)" if best is not None and r["point"] == best["point"] else ""
+        if r["validation_mean"] is None:
+            lines.append(f"| {r['point']} | - | - | - | - | {r['diverged']} |")
+            continue
         lines.append(f"| {r['point']}{mark} | {r['validation_mean']:.4f} ± "
                      f"{r['validation_std']:.4f} | {r['test_mean']:.4f} ± {r['test_std']:.4f} "
-                     f"| {r['final_loss']:.4f} | {r['wall_clock']:.1f} |")
+                     f"| {r['final_loss']:.4f} | {r['wall_clock']:.1f} | {r['diverged']} |")
     return "\n".join(lines)
 
 
@@ -126,19 +149,22 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], out: str,
     from kfac_jax_peft.finetune.plots import _pyplot
 
     plt = _pyplot()
-    best = max(rows, key=lambda r: r["validation_mean"])
+    rows = [r for r in rows if r["validation_mean"] is not None]
+    best = max(rows, key=lambda r: r["validation_mean"]) if rows else None
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         xs = [r[key] for r in rows]
         ax.errorbar(xs, [r["validation_mean"] for r in rows],
                     yerr=[r["validation_std"] for r in rows], fmt="o", markersize=4, alpha=0.8)
-        ax.plot([best[key]], [best["validation_mean"]], "*", markersize=14, label="best")
+        if best is not None:
+            ax.plot([best[key]], [best["validation_mean"]], "*", markersize=14, label="best")
         if all(x > 0 and math.isfinite(x) for x in xs):
             ax.set_xscale("log")
         ax.set_xlabel(key)
         ax.set_ylabel("validation metric")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    if best is not None:
+        axes[0][0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
