@@ -22,7 +22,7 @@ transformers); ``--model`` and ``--data-dir`` (and ``--task``) run it on
 another checkpoint and task.
 
 Usage: ``python benchmarks/compile.py [--model DIR --data-dir DIR --task sst2]
-[--steps 20] [--max-length 32] [--batch-size 8]``
+[--steps 20] [--max-length 32] [--batch-size 8] [--points 9]``
 """
 
 from __future__ import annotations
@@ -37,18 +37,21 @@ import time
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see benchmarks/step_time.py
 
 
-def _grid(cfg, data, traced: bool, root: str) -> dict:
+def _grid(cfg, data, traced: bool, root: str, points: int) -> dict:
     from kfac_jax_peft.finetune import read_log, train, trainer
 
     trainer._COMPILED.clear()  # nothing compiled by the other mode is reused
     compiles = []
     t0 = time.perf_counter()
-    points = itertools.product((0.01, 0.03, 0.1), (1e-3, 1e-2, 1e-1))
-    for i, (lr, damping) in enumerate(points):
-        out = os.path.join(root, "traced" if traced else "constant", f"point{i}")
+    grid = itertools.product((0.01, 0.03, 0.1), (1e-3, 1e-2, 1e-1))
+    for i, (lr, damping) in enumerate(itertools.islice(grid, points)):
+        mode = "traced" if traced else "constant"
+        out = os.path.join(root, mode, f"point{i}")
         train(cfg.replace(learning_rate=lr, damping=damping, output_dir=out), data=data,
               traced=traced)
         compiles.append(sum(r["seconds"] for r in read_log(out) if r["kind"] == "compile"))
+        print(f"{mode} point {i}: compile {compiles[-1]:.1f} s, "
+              f"{time.perf_counter() - t0:.1f} s so far", file=sys.stderr, flush=True)
     return {"first": compiles[0], "compile_sum": sum(compiles),
             "wall": time.perf_counter() - t0}
 
@@ -61,6 +64,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--points", type=int, default=9, help="grid points run (at most 9)")
     args = p.parse_args()
 
     from kfac_jax_peft.finetune import TrainConfig, load_data
@@ -78,10 +82,12 @@ def main() -> None:
                       log_every=5, invert_every=5, optimizer="kfac", clip="post",
                       progress=False)
     data = load_data(cfg)
-    rows = {"traced": _grid(cfg, data, True, root), "constant": _grid(cfg, data, False, root)}
+    rows = {"traced": _grid(cfg, data, True, root, args.points),
+            "constant": _grid(cfg, data, False, root, args.points)}
     print(f"model {model}, task {args.task}, {args.steps} steps, batch {args.batch_size}, "
-          f"max length {args.max_length}; 3 x 3 grid (learning_rate x damping)")
-    print("| hyperparameters | compile, first run (s) | compile, 9 runs (s) | "
+          f"max length {args.max_length}; {args.points} points of a 3 x 3 grid "
+          "(learning_rate x damping)")
+    print(f"| hyperparameters | compile, first run (s) | compile, {args.points} runs (s) | "
           "grid wall-clock (s) |")
     print("|---|---|---|---|")
     for name in ("constant", "traced"):
