@@ -14,8 +14,16 @@ Commands:
   ``kfac-pre``, ``kfac-post``, ``sophia``) and seeds; prints the comparison
   table. Run again, it reads finished runs back and continues interrupted
   ones.
+* ``sweep``: a grid over the traced hyperparameters (learning rate, max
+  norm, weight decay, damping, decay) and seeds, compiled once; prints the
+  table and the best point on validation, writes a plot.
 * ``plot``: plot run folders (loss against step and wall-clock, validation
   metric, clip rate, Sophia's clipped fraction).
+
+Compiled steps are kept in JAX's persistent compilation cache, by default
+in the folder .compilation_cache beside the run folder (``--compilation-cache
+DIR`` elsewhere, ``--no-compilation-cache`` off), so a run or sweep started
+again skips compilation.
 
 A user error (a bad flag or config value, a missing or malformed file) ends
 the command with one line naming the flag, key or file, and exit status 2;
@@ -75,21 +83,34 @@ def _flag(key: str) -> str:
 _COMPARE_FLAGS = ("arms", "seeds", "reference", "arm_overrides")
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    from kfac_jax_peft.finetune.config import FIELDS, RENAMED
+def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """A flag for every TrainConfig key, in the sections of its docstring,
+    with the help :func:`~kfac_jax_peft.finetune.config.field_help` makes
+    from it (entry, choices, default)."""
+    from kfac_jax_peft.finetune.config import FIELDS, RENAMED, field_docs, field_help
 
-    p.add_argument("--config", help="JSON or TOML file of TrainConfig keys (flags override)")
+    p.add_argument("--config", metavar="FILE",
+                   help="JSON or TOML file of configuration keys (flags override them).")
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
-                   help="keep compiled steps in DIR (JAX's persistent cache) across runs")
+                   help="keep compiled steps in DIR (JAX's persistent cache). Default: "
+                        ".compilation_cache beside the run folder.")
+    p.add_argument("--no-compilation-cache", action="store_true",
+                   help="do not keep compiled steps on disk.")
+    docs, groups = field_docs(), {}
     for name, field in FIELDS.items():
+        if name in skip:
+            continue
+        section = docs.get(name, ("Configuration", ""))[0] or "Configuration"
+        if section not in groups:
+            groups[section] = p.add_argument_group(section.lower())
+        group, text = groups[section], field_help(name).replace("%", "%%")
         typ, nargs = _field_type(field)
         if typ is bool:
-            p.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
-                           default=argparse.SUPPRESS)
+            group.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=text)
         else:
-            p.add_argument(_flag(name), dest=name, type=typ, nargs=nargs,
-                           default=argparse.SUPPRESS, metavar=name.upper(),
-                           help=f"(default: {field.default!r})")
+            group.add_argument(_flag(name), dest=name, type=typ, nargs=nargs,
+                               default=argparse.SUPPRESS, metavar=name.upper(), help=text)
     for old, new in RENAMED.items():  # deprecated names, read until the next release
         typ, nargs = _field_type(FIELDS[new])
         p.add_argument(_flag(old), dest=old, type=typ, nargs=nargs, default=argparse.SUPPRESS,
@@ -142,11 +163,13 @@ def _where(key: str, args) -> str:
     return key
 
 
-def _cache(args) -> None:
-    if args.compilation_cache:
-        from kfac_jax_peft.finetune import enable_compilation_cache
-
-        enable_compilation_cache(args.compilation_cache)
+def _cache_dir(args, parent: str) -> str | None:
+    """The folder of JAX's persistent compilation cache: ``--compilation-cache
+    DIR``, or ``parent/.compilation_cache`` (the folder that holds the run
+    folders); None with ``--no-compilation-cache``."""
+    if args.no_compilation_cache:
+        return None
+    return args.compilation_cache or os.path.join(parent, ".compilation_cache")
 
 
 def _train(args) -> int:
@@ -155,10 +178,38 @@ def _train(args) -> int:
 
     cfg = _config(args)
     check_inputs(cfg, resume=args.resume)
-    _cache(args)
+    cache = _cache_dir(args, os.path.dirname(os.path.abspath(cfg.output_dir)))
+    if cache:
+        from kfac_jax_peft.finetune import enable_compilation_cache
+
+        enable_compilation_cache(cache)
     result = train(cfg, resume=args.resume)
-    print(json.dumps(result.to_dict(), indent=1))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(summary(result))
     return 0
+
+
+def _metrics(d: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in d.items() if k != "main") or "-"
+
+
+def summary(result) -> str:
+    """A few lines on a finished run: steps and training time, the best
+    validation step and metrics, the test metrics of its weights, and
+    where the files are."""
+    out = result.output_dir
+    lines = [f"trained {result.steps} steps in {result.wall_clock:.1f} s "
+             f"({result.trainable_params} parameters trained), final loss "
+             f"{result.final_loss:.4f}"]
+    if result.validation:
+        lines.append(f"best validation (step {result.best_step}): "
+                     f"{_metrics(result.validation)}")
+        lines.append(f"test, with those weights: {_metrics(result.test)}")
+    lines.append(f"files in {out}: best.safetensors (best weights), results.json, "
+                 "metrics.jsonl (the log), checkpoints/, config.json")
+    return "\n".join(lines)
 
 
 def _arm_overrides(text: str | None) -> dict | None:
@@ -183,11 +234,34 @@ def _compare(args) -> int:
 
     cfg = _config(args)
     overrides = _arm_overrides(args.arm_overrides)
-    _cache(args)  # compare() checks the arms, then the files (check_inputs)
-    rows = compare(cfg, args.arms, args.seeds, overrides=overrides, reference=args.reference)
+    rows = compare(cfg, args.arms, args.seeds, overrides=overrides, reference=args.reference,
+                   compilation_cache=_cache_dir(args, cfg.output_dir))
     print(format_rows(rows))
     print(f"summary and plot in {cfg.output_dir}")
     return 0
+
+
+def _sweep(args) -> int:
+    from kfac_jax_peft.finetune.sweep import format_sweep, sweep
+
+    cfg = _config(args)
+    grid = {key: values for key in _GRID_FLAGS
+            if (values := getattr(args, f"grid_{key}")) is not None}
+    out = sweep(cfg, grid, args.seeds, compilation_cache=_cache_dir(args, cfg.output_dir))
+    print(format_sweep(out["rows"], out["best"]))
+    best = out["best"]
+    if best is None:
+        print(f"every point diverged; table in {cfg.output_dir}/sweep.json")
+        return 1
+    print(f"best on validation: {best['point']} (validation {best['validation_mean']:.4f}, "
+          f"test {best['test_mean']:.4f}); table in {cfg.output_dir}/sweep.json, plot in "
+          f"{cfg.output_dir}/sweep.png")
+    return 0
+
+
+#: The sweep command's grid flags (``--learning-rate 1e-3 1e-2 ...``): the traced keys.
+_GRID_FLAGS = ("learning_rate", "max_norm", "weight_decay", "damping", "decay",
+               "fisher_damping")
 
 
 def _plot(args) -> int:
@@ -217,62 +291,103 @@ def _influence(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kfac-peft", description=__doc__,
+    from kfac_jax_peft.finetune.config import FIELDS, field_docs, plain
+
+    parser = _Parser(prog="kfac-peft", description=plain(__doc__),
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="AdamW vs K-FAC (no clip, pre-clip, Newton-step clip) "
                                     "on the built-in task; prints a table, writes a plot")
-    d.add_argument("--steps", type=int, default=200)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--steps", type=int, default=200,
+                   help="training steps of every optimizer. Default: 200.")
+    d.add_argument("--seed", type=int, default=0, help="Default: 0.")
     d.add_argument("--plot", default="kfac_demo.png",
                    help="where to write the loss curves ('' for none)")
     d.set_defaults(func=_demo)
 
-    t = sub.add_parser("train", help="fine-tune on a GLUE/SuperGLUE task")
-    _add_config_flags(t)
+    t = sub.add_parser("train", help="fine-tune on a GLUE/SuperGLUE task",
+                       description="Fine-tune a checkpoint (--model) on a GLUE/SuperGLUE "
+                                   "task; every configuration key is a flag.")
     t.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoint in --output-dir")
+                   help="continue the run in --output-dir from its last checkpoint.")
+    t.add_argument("--json", action="store_true",
+                   help="print the result as JSON instead of a summary.")
+    _add_config_flags(t)
     t.set_defaults(func=_train)
 
     c = sub.add_parser("compare", help="several arms and seeds; prints the table (run again "
                                        "to continue an interrupted comparison)")
     _add_config_flags(c)
     c.add_argument("--arms", nargs="+", default=["adamw", "kfac-none", "kfac-pre",
-                                                 "kfac-post"])
-    c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    c.add_argument("--reference", default=None, help="arm whose final loss is the target "
-                   "(default: the first arm)")
+                                                 "kfac-post"],
+                   help="the arms to run. Choices: adamw, kfac-none, kfac-pre, kfac-post. "
+                        "Default: all four.")
+    c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                   help="the seeds of every arm. Default: 0 1 2.")
+    c.add_argument("--reference", default=None, help="the arm whose final loss is the target "
+                   "of 'steps to reference loss'. Default: the first arm.")
     c.add_argument("--arm-overrides", default=None,
                    help='JSON: per-arm config changes, e.g. \'{"adamw": {"learning_rate": '
                         '1e-3}}\'')
     c.set_defaults(func=_compare)
 
+    sw = sub.add_parser("sweep", help="a grid over the traced hyperparameters and seeds, "
+                                      "compiled once; prints the table and the best point",
+                        description="Train every point of a grid over the traced "
+                                    "hyperparameters (and every seed) into OUTPUT_DIR/"
+                                    "<point>/seed<k>, with one compilation for the whole "
+                                    "grid; prints the table, selects the best point on "
+                                    "validation, writes sweep.json and sweep.png. Run again, "
+                                    "it reads finished runs back.")
+    grid = sw.add_argument_group("grid (each flag takes one or more values)")
+    docs = field_docs()
+    for key in _GRID_FLAGS:
+        grid.add_argument(_flag(key), dest=f"grid_{key}", type=float, nargs="+", default=None,
+                          metavar="X", help=f"values of {key}: {docs[key][1]}".replace(
+                              "%", "%%") + f" Default: {FIELDS[key].default} alone.")
+    sw.add_argument("--seeds", nargs="+", type=int, default=[0],
+                    help="the seeds of every point. Default: 0.")
+    _add_config_flags(sw, skip=_GRID_FLAGS + ("seed",))  # the grid and --seeds set them
+    sw.set_defaults(func=_sweep)
+
     pl = sub.add_parser("plot", help="plot run folders")
-    pl.add_argument("runs", nargs="+")
-    pl.add_argument("--out", default="runs.png")
-    pl.add_argument("--labels", nargs="+", default=None)
-    pl.add_argument("--title", default=None)
+    pl.add_argument("runs", nargs="+", help="run folders (each with its metrics.jsonl).")
+    pl.add_argument("--out", default="runs.png", help="the image to write. Default: runs.png.")
+    pl.add_argument("--labels", nargs="+", default=None,
+                    help="one label per run folder. Default: the folder names.")
+    pl.add_argument("--title", default=None, help="the plot's title. Default: none.")
     pl.set_defaults(func=_plot)
 
     from kfac_jax_peft.fisher.influence import METHODS
 
     i = sub.add_parser("influence", help="the training examples most helpful and harmful to "
                                          "a finished run's held-out predictions")
-    i.add_argument("--run", required=True, help="the run folder (config.json, "
-                   "best.safetensors, checkpoints/)")
-    i.add_argument("--task", default=None, help="the run's task (checked; default: the run's)")
+    i.add_argument("--run", required=True, help="the finished run folder (config.json, "
+                   "best.safetensors, checkpoints/). Required.")
+    i.add_argument("--task", default=None,
+                   help="the run's task, checked against it. Default: the run's.")
     i.add_argument("--method", choices=METHODS, default="ekfac",
-                   help="curvature: the run's K-FAC factors (kfac), with the diagonal refitted "
-                        "(ekfac), DataInf (datainf), or the dense exact matrix (exact; small "
-                        "models only)")
-    i.add_argument("--damping", type=float, default=1e-3)
-    i.add_argument("--top-k", type=int, default=10)
-    i.add_argument("--split", choices=("validation", "test"), default="validation")
+                   help="the curvature: the run's K-FAC factors (kfac), the same with the "
+                        "diagonal refitted (ekfac), DataInf (datainf), or the dense exact "
+                        f"matrix (exact; small models only). Choices: {', '.join(METHODS)}. "
+                        "Default: ekfac.")
+    i.add_argument("--damping", type=float, default=1e-3,
+                   help="the damping lambda of (H + lambda I)^-1, the same for every "
+                        "method. Default: 0.001.")
+    i.add_argument("--top-k", type=int, default=10,
+                   help="the most helpful and most harmful training examples listed per "
+                        "test example. Default: 10.")
+    i.add_argument("--split", choices=("validation", "test"), default="validation",
+                   help="the held-out split scored against. Choices: validation, test. "
+                        "Default: validation.")
     i.add_argument("--num-test", type=int, default=16,
-                   help="score against the first N examples of --split")
-    i.add_argument("--batch-size", type=int, default=None)
-    i.add_argument("--out", default=None, help="default: RUN/influence_METHOD.tsv")
+                   help="score against the first N examples of --split. Default: 16.")
+    i.add_argument("--batch-size", type=int, default=None,
+                   help="training examples per batch of per-example gradients. "
+                        "Default: the run's evaluation batch size.")
+    i.add_argument("--out", default=None,
+                   help="the table to write. Default: RUN/influence_METHOD.tsv.")
     i.set_defaults(func=_influence)
     return parser
 

@@ -35,7 +35,13 @@ from kfac_jax_peft.finetune.config import (
 )
 from kfac_jax_peft.finetune.logs import read_log
 from kfac_jax_peft.finetune.plots import plot_runs
-from kfac_jax_peft.finetune.trainer import Data, load_data, steps_to_reach, train
+from kfac_jax_peft.finetune.trainer import (
+    Data,
+    enable_compilation_cache,
+    load_data,
+    steps_to_reach,
+    train,
+)
 
 
 @dataclasses.dataclass
@@ -150,10 +156,13 @@ def _run(cfg: TrainConfig, data: Data) -> dict[str, Any]:
 def compare(base: TrainConfig, arms: Sequence[str], seeds: Sequence[int], *,
             overrides: Mapping[str, Mapping] | None = None, reference: str | None = None,
             data: Data | None = None, plot: bool = True,
-            name: str = "summary") -> list[dict[str, Any]]:
+            name: str = "summary", compilation_cache: str | None = None
+            ) -> list[dict[str, Any]]:
     """Train and summarise; returns one row per arm (see the module doc) and
     writes ``<name>.json`` and (with ``plot``) ``comparison.png``, or
-    ``<name>.png`` for another ``name``, into ``base.output_dir``."""
+    ``<name>.png`` for another ``name``, into ``base.output_dir``.
+    ``compilation_cache``: a folder for JAX's persistent compilation cache,
+    enabled once the configurations and files are checked."""
     configs = _run_configs(base, arms, seeds, overrides)
     reference = reference or arms[0]
     if reference not in arms:
@@ -164,6 +173,8 @@ def compare(base: TrainConfig, arms: Sequence[str], seeds: Sequence[int], *,
         if has_checkpoint(cfg.output_dir):
             _check_same_config(cfg)
         finished(cfg)
+    if compilation_cache:
+        enable_compilation_cache(compilation_cache)
     data = data or load_data(base)
     results: dict[str, list[tuple[int, dict, str]]] = {}
     for (arm, seed), cfg in configs.items():

@@ -26,6 +26,7 @@ import json
 import math
 import numbers
 import os
+import re
 import tomllib
 import warnings
 from collections.abc import Mapping
@@ -50,6 +51,11 @@ ARMS: dict[str, dict[str, Any]] = {
     # Sophia's own per-coordinate clip, nothing else (finetune/sophia.py)
     "sophia": {"optimizer": "sophia", "clip": "none"},
 }
+
+#: Keys whose values are traced arguments of the compiled steps (kept in the
+#: optimizer state, see :mod:`kfac_jax_peft.finetune.optim`): runs that differ
+#: only in them (and the seed) share one compilation.
+TRACED = ("learning_rate", "max_norm", "weight_decay", "damping", "decay", "fisher_damping")
 
 #: Deprecated key -> its new name (read until the next release).
 RENAMED = {"save_every": "checkpoint_every", "fisher_damping_mode": "fisher_damping_scale"}
@@ -79,73 +85,103 @@ class ConfigTypeError(ConfigError, TypeError):
 class TrainConfig:
     """Everything one run depends on.
 
-    Data: ``task`` (a name of :data:`kfac_jax_peft.data.TASKS`), ``data_dir``
-    (a local folder in a supported layout; ``None`` loads from the hub),
-    ``max_length`` tokens, ``batch_size`` (the global batch, split over
-    ``devices``). Batches are padded to their longest sequence rounded up to
-    ``pad_to_multiple_of`` (each padded length is one compiled shape).
+    One entry per key below (``key: what it is``); the command line's help
+    for each flag is made from these entries (:func:`field_help`), with the
+    key's choices and default added, so a new key documented here gets its
+    ``--help`` line automatically. Every value is checked by
+    :func:`validate` when the config is made. ``stats_every`` and
+    ``checkpoint_every`` left unset (``None``) read as ``invert_every`` and
+    ``eval_every`` and keep following them through :meth:`replace`;
+    :meth:`to_dict` writes them as ``None``.
 
-    Model: ``model`` is a Hugging Face checkpoint folder (RoBERTa, BERT or
-    T5). ``peft``: ``"lora"`` (rank ``lora_rank``, ``lora_alpha``, on
-    ``lora_targets``), ``"houlsby"``/``"pfeiffer"`` adapters with
-    ``adapter_reduction``, or ``"head"`` (only the classification head
-    trains). The classification head always trains. ``dropout`` overrides
-    the checkpoint's dropout rates when set, and is also LoRA's dropout (0
-    when unset).
+    Data:
+        task: the GLUE/SuperGLUE task to fine-tune on.
+        data_dir: a local folder of the task's data in a supported layout;
+            unset loads it from the Hugging Face hub.
+        model: a Hugging Face checkpoint folder (RoBERTa, BERT or T5:
+            config.json, the weights and the tokenizer files).
+        output_dir: the run folder (config, log, checkpoints, best weights).
+        max_length: tokens per example; longer inputs are truncated.
+        pad_to_multiple_of: training batches are padded to their longest
+            sequence rounded up to this; each padded length is one compiled
+            shape (fewer lengths compile faster, more pad less).
+        batch_size: examples per step (the global batch, split over devices).
+        eval_batch_size: examples per evaluation batch; unset: batch_size.
 
-    Optimizer: ``"adamw"`` (``clip`` = ``"pre"`` clips the gradient norm to
-    ``max_norm``; the paper's baseline), ``"kfac"`` (``kfac_precondition``
-    with ``damping``, EMA ``decay``, re-inversion every ``invert_every``
-    steps, statistics captured every ``stats_every`` steps, default: on
-    inversion steps only; ``share_input_factors``: LoRA ``A`` layers that
-    read the same input keep one input factor (the model's
-    ``INPUT_GROUPS``; less memory, same update unless LoRA dropout is on);
-    ``damping_mode``: ``"exact"`` (eigenbasis), ``"ekfac"`` (the same
-    eigenbasis with EKFAC's re-estimated diagonal; needs ``stats_every <
-    invert_every``) or ``"factored"``;
-    ``clip`` = ``"post"`` Newton-step clipping,
-    ``"pre"`` gradient clipping, ``"none"``), ``"sgd"``. The learning rate
-    follows a linear warm-up over ``warmup_ratio * steps`` steps, then a
-    linear decay to 0 at ``steps``. ``weight_decay`` is decoupled and
-    applies to matrices (not biases or LayerNorm scales).
-    ``"ef"``, ``"ief"``, ``"sf"``: the exact damped empirical, improved
-    empirical and sampled (``num_samples`` labels per example) Fisher updates
-    of :mod:`kfac_jax_peft.fisher` (Woodbury on the batch's per-sample
-    gradients; damping ``fisher_damping``, ``fisher_damping_scale``
-    ``"absolute"`` or ``"relative"`` to the largest Gram diagonal); their
-    step is deterministic (no dropout) and runs on one device.
-    ``log_gamma``: at every log step, also log the gamma indicator of that
-    step's direction relative to SGD's (< 1: closer to the natural gradient;
-    K-FAC's curvature as it stands before the step) on the step's batch, and
-    the per-sample gradient-norm imbalance.
-    ``"sophia"``: ``optax.contrib.sophia`` (:mod:`kfac_jax_peft.finetune.sophia`),
-    the step ``-lr * clip(m_hat / max(sophia_gamma * h, sophia_eps), 1)``
-    per coordinate, with ``m`` the gradient's moving average (decay
-    ``sophia_b1``) and ``h`` a moving average (decay ``sophia_b2``) of
-    Hutchinson's Hessian-diagonal estimate, refreshed every
-    ``sophia_hessian_every`` steps; the learning rate is the largest step of
-    any coordinate (a LoRA run wants AdamW's learning rate, not K-FAC's).
-    Sophia clips per coordinate itself: ``clip`` is ``"pre"`` (gradient
-    clipping before it) or ``"none"``, never ``"post"``. Defaults: the
-    paper's ``b1 = 0.965``, ``gamma = 0.01``, ``k = 10``; ``b2 = 0.95``
-    rather than the paper's 0.99, because its Hessian average has no bias
-    correction and a fine-tuning run of ~1000 steps has ~100 estimates
-    (with 0.99, ``h`` would still be 10% of its value after 100 steps and
-    most coordinates would take clipped, signSGD-like steps).
+    Model:
+        peft: what trains besides the classification head: LoRA, Houlsby or
+            Pfeiffer adapters, or the head alone.
+        lora_rank: the rank of the LoRA updates.
+        lora_alpha: LoRA's scale is lora_alpha / lora_rank.
+        lora_targets: the modules that get LoRA updates (by name).
+        adapter_reduction: the adapters' bottleneck is the hidden size over this.
+        dropout: overrides the checkpoint's dropout rates and is LoRA's
+            dropout; unset: the checkpoint's rates and no LoRA dropout.
 
-    Loop: ``eval_every`` steps (the paper: 200) evaluate on validation; the
-    best validation checkpoint is evaluated on test at the end.
-    ``checkpoint_every`` steps (default ``eval_every``) write a resumable
-    checkpoint. ``log_every`` steps write a training record. ``devices``:
-    how many local devices to train on data-parallel (0 = all).
-    ``precompile``: compile every step kind for every padded length before
-    the clock starts, so that the logged wall-clock is training time and
-    not compilation time.
+    Optimizer:
+        optimizer: adamw (the paper's baseline), kfac (K-FAC), sgd, or the
+            exact damped empirical (ef), improved empirical (ief) and
+            sampled (sf) Fisher updates (per-sample gradients, one device,
+            no dropout), or sophia (optax.contrib.sophia: a clipped
+            diagonal-Hessian step, see the sophia keys).
+        clip: post clips the preconditioned (Newton) step, pre the
+            gradient, none nothing; adamw and sophia take pre or none
+            (sophia clips each coordinate itself).
+        learning_rate: the peak learning rate (linear warm-up, then linear
+            decay to 0 at the last step).
+        max_norm: the clipping threshold (an L2 norm).
+        weight_decay: decoupled weight decay on matrices (not biases or
+            LayerNorm scales).
+        warmup_ratio: the fraction of the steps spent warming up the
+            learning rate.
+        damping: K-FAC's Tikhonov damping.
+        decay: K-FAC's moving-average decay of its factors (0: the current
+            batch only).
+        invert_every: K-FAC re-inverts its curvature every this many steps.
+        stats_every: K-FAC captures statistics every this many steps;
+            unset: invert_every (on inversion steps only).
+        damping_mode: exact (eigendecomposition), ekfac (the same
+            eigenbasis with EKFAC's diagonal re-estimated from the
+            statistics between decompositions; needs stats_every below
+            invert_every) or factored (pi-adjusted damping of each factor)
+            K-FAC damping.
+        share_input_factors: LoRA A layers that read the same input keep one
+            input factor (less memory; the same update unless LoRA dropout
+            is on).
+        fisher_damping: the damping of ef, ief and sf.
+        fisher_damping_scale: absolute, or relative to the largest Gram
+            diagonal (ef, ief, sf).
+        num_samples: sf's sampled labels per example.
+        sophia_b1: sophia's moving-average decay of the gradient (the
+            paper's 0.965).
+        sophia_b2: sophia's moving-average decay of its Hessian-diagonal
+            estimate; 0.95 rather than the paper's 0.99 because optax does
+            not bias-correct it and a fine-tuning run makes ~100 estimates.
+        sophia_gamma: sophia's step is -lr * clip(m / max(gamma * h, eps), 1)
+            per coordinate (the paper's 0.01).
+        sophia_eps: the floor of gamma * h in sophia's step.
+        sophia_hessian_every: sophia refreshes its Hutchinson estimate of
+            the Hessian diagonal every this many steps (the paper's 10).
+        log_gamma: also log, at every log step, the gamma indicator of the
+            step's direction relative to SGD's (below 1: closer to the
+            natural gradient) and the per-sample gradient-norm imbalance.
 
-    ``stats_every`` and ``checkpoint_every`` left unset (``None``) read as
-    ``invert_every`` and ``eval_every`` and keep following them through
-    :meth:`replace`; :meth:`to_dict` writes them as ``None``. Every value is
-    checked by :func:`validate` when the config is made.
+    Loop:
+        steps: training steps.
+        eval_every: evaluate on validation every this many steps (the
+            paper: 200); the best validation weights are tested at the end.
+        checkpoint_every: write a resumable checkpoint every this many
+            steps; unset: eval_every.
+        log_every: write a training record every this many steps.
+        seed: the seed of the PEFT and head initialisation, the batch order
+            and dropout.
+        devices: local devices to train on, data-parallel (0: all).
+        progress: show the progress bar and the compilation count-down.
+        precompile: compile every step kind for every padded length before
+            the clock starts, so that the logged wall-clock is training time.
+
+    The hyperparameters of :data:`TRACED` are arrays of the compiled steps,
+    not constants: runs that differ only in them share one compilation.
     """
 
     task: str = "rte"
@@ -444,6 +480,71 @@ def _validate_sophia(cfg: TrainConfig) -> None:
         raise ConfigError("clip", "must be 'pre' or 'none' with optimizer 'sophia', got "
                           "'post' (Sophia clips each coordinate of its step itself; "
                           "post-clipping is K-FAC's Newton-step clipping)")
+
+
+# --------------------------------------------------------------------------- help
+
+
+def plain(text: str) -> str:
+    """``text`` without reStructuredText markup (``:func:`~a.b```, double
+    back-quotes), for a terminal."""
+    text = re.sub(r":\w+:`~?([^`<]+?)(?: <[^>]+>)?`", lambda m: m.group(1).split(".")[-1]
+                  if m.group(0).startswith(":") and "~" in m.group(0) else m.group(1), text)
+    return re.sub(r"``([^`]+)``", r"\1", text)
+
+
+def field_docs() -> dict[str, tuple[str, str]]:
+    """``{key: (section, entry)}``: each key's entry in :class:`TrainConfig`'s
+    docstring (``key: text``, continued on more deeply indented lines) and
+    the section it sits in, as plain one-line text."""
+    docs: dict[str, tuple[str, str]] = {}
+    section, key = "", None
+    for line in (TrainConfig.__doc__ or "").splitlines():
+        head = re.match(r"^ {4}(\w[\w ]*):$", line)
+        entry = re.match(r"^ {8}(\w+): (.*)$", line)
+        if head:
+            section, key = head.group(1), None
+        elif entry and entry.group(1) in FIELDS:
+            key = entry.group(1)
+            docs[key] = (section, entry.group(2).strip())
+        elif key is not None and line.startswith(" " * 12) and line.strip():
+            docs[key] = (section, docs[key][1] + " " + line.strip())
+        else:
+            key = None
+    return {k: (sec, plain(text)) for k, (sec, text) in docs.items()}
+
+
+def choices(key: str) -> tuple[str, ...] | None:
+    """The allowed values of a key that has a fixed set of them."""
+    if key == "task":
+        from kfac_jax_peft.data.tasks import TASKS
+
+        return tuple(TASKS)
+    return _CHOICES.get(key)
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def field_help(key: str) -> str:
+    """One line of help for ``key``: its docstring entry, its choices, its
+    default (and, for the keys of :data:`TRACED`, that a sweep varies it
+    without compiling again)."""
+    doc = field_docs().get(key, ("", ""))[1].rstrip(".")
+    parts = [doc + "."] if doc else []
+    if choices(key):
+        parts.append(f"Choices: {', '.join(choices(key))}.")
+    if key in TRACED:
+        parts.append("Traced (a sweep varies it without compiling again).")
+    parts.append(f"Default: {_shown(FIELDS[key].default)}.")
+    return " ".join(parts)
 
 
 # --------------------------------------------------------------------------- reading

@@ -1,24 +1,49 @@
-"""The optimizer chain of a run (the paper's four arms, and SGD)."""
+"""The optimizer chain of a run (the paper's four arms, SGD, the exact Fisher family).
+
+**Traced hyperparameters.** The values of :data:`TRACED`
+(``learning_rate``, ``max_norm``, ``weight_decay``, ``damping``, ``decay``,
+``fisher_damping``) are not compiled into the steps: the chain is built by
+``optax.inject_hyperparams``, which keeps them as float32 arrays in the
+optimizer state (``opt_state.hyperparams``) and rebuilds the chain from
+them inside every ``update``. Runs that differ only in these values (and
+the seed) therefore trace to the same program and share one compilation,
+in one process (the trainer reuses its compiled steps) and across
+processes (JAX's persistent compilation cache). The values are checked as
+numbers when the config is made, and by each transformation in ``init``,
+where they are still concrete.
+
+``traced=False`` compiles them in as constants instead, as the pipeline
+did before; ``benchmarks/compile.py`` measures the difference.
+"""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from kfac_jax_peft.clipping import clipped
-from kfac_jax_peft.finetune.config import TrainConfig
+from kfac_jax_peft.finetune.config import TRACED, TrainConfig
 from kfac_jax_peft.kfac.transform import kfac_precondition
 
 
-def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warm-up from 0 to ``learning_rate`` over ``round(warmup_ratio
-    * steps)`` steps, then linear decay to 0 at ``steps``."""
+def learning_rate_shape(cfg: TrainConfig) -> optax.Schedule:
+    """The learning rate relative to its peak: a linear rise from 0 to 1 over
+    ``round(warmup_ratio * steps)`` steps, then a linear fall to 0 at ``steps``."""
     warmup = int(round(cfg.warmup_ratio * cfg.steps))
-    decay = optax.linear_schedule(cfg.learning_rate, 0.0, max(cfg.steps - warmup, 1))
+    fall = optax.linear_schedule(1.0, 0.0, max(cfg.steps - warmup, 1))
     if warmup == 0:
-        return decay
-    rise = optax.linear_schedule(0.0, cfg.learning_rate, warmup)
-    return optax.join_schedules([rise, decay], [warmup])
+        return fall
+    return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), fall], [warmup])
+
+
+def learning_rate_schedule(cfg: TrainConfig, peak=None) -> optax.Schedule:
+    """``peak * learning_rate_shape(cfg)``: linear warm-up from 0 to ``peak``
+    (default ``cfg.learning_rate``; an array when traced) over ``round(
+    warmup_ratio * steps)`` steps, then linear decay to 0 at ``steps``."""
+    shape = learning_rate_shape(cfg)
+    peak = cfg.learning_rate if peak is None else peak
+    return lambda count: peak * shape(count)
 
 
 def decay_mask(params):
@@ -26,8 +51,8 @@ def decay_mask(params):
     return jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
 
 
-def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None, input_groups=None
-                    ) -> optax.GradientTransformationExtraArgs:
+def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None, input_groups=None,
+                    traced: bool = True) -> optax.GradientTransformationExtraArgs:
     """The chain of ``cfg.optimizer`` with ``cfg.clip``::
 
         adamw: [clip(max_norm)] -> adamw(schedule, weight_decay)
@@ -45,39 +70,58 @@ def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None, input_gro
     needs the extra argument ``obj_fn`` (:mod:`kfac_jax_peft.finetune.sophia`).
     ``axis_name`` is the data-parallel axis of a pmapped step;
     ``input_groups`` is passed to ``kfac_precondition`` when
-    ``cfg.share_input_factors``.
+    ``cfg.share_input_factors``. ``traced`` (default): the values of
+    :data:`TRACED` live in the state (see the module docstring); the weight
+    decay is then always in the chain (a decay of 0 adds ``0 * params``).
     """
-    lr = learning_rate_schedule(cfg)
-    wd = optax.add_decayed_weights(cfg.weight_decay, decay_mask) if cfg.weight_decay else None
-    tail = ([wd] if wd is not None else []) + [optax.scale_by_learning_rate(lr)]
+    if cfg.optimizer == "adamw" and cfg.clip == "post":
+        raise ValueError("optimizer='adamw' supports clip='pre' (gradient clipping) or "
+                         "'none'; post-clipping is K-FAC's Newton-step clipping")
+    values = {key: getattr(cfg, key) for key in TRACED}
+
+    def chain(learning_rate, max_norm, weight_decay, damping, decay, fisher_damping):
+        return _chain(cfg, dict(learning_rate=learning_rate, max_norm=max_norm,
+                                weight_decay=weight_decay, damping=damping, decay=decay,
+                                fisher_damping=fisher_damping),
+                      axis_name, input_groups, always_decay=traced)
+
+    if not traced:
+        return chain(**values)
+    return optax.inject_hyperparams(chain, hyperparam_dtype=jnp.float32)(**values)
+
+
+def _chain(cfg: TrainConfig, h: dict, axis_name, input_groups, always_decay: bool
+           ) -> optax.GradientTransformationExtraArgs:
+    """The chain of :func:`build_optimizer` with hyperparameter values ``h``."""
+    lr = learning_rate_schedule(cfg, h["learning_rate"])
     if cfg.optimizer == "adamw":
-        if cfg.clip == "post":
-            raise ValueError("optimizer='adamw' supports clip='pre' (gradient clipping) or "
-                             "'none'; post-clipping is K-FAC's Newton-step clipping")
-        return optax.chain(clipped(optax.identity(), cfg.clip, cfg.max_norm),
-                           optax.adamw(lr, weight_decay=cfg.weight_decay, mask=decay_mask))
+        return optax.chain(clipped(optax.identity(), cfg.clip, h["max_norm"]),
+                           optax.adamw(lr, weight_decay=h["weight_decay"], mask=decay_mask))
     if cfg.optimizer == "sophia":
-        return _sophia_chain(cfg, lr, axis_name)
+        return _sophia_chain(cfg, h, lr, axis_name)
+    decays = always_decay or cfg.weight_decay
+    tail = ([optax.add_decayed_weights(h["weight_decay"], decay_mask)] if decays else []) \
+        + [optax.scale_by_learning_rate(lr)]
     if cfg.optimizer == "sgd":
-        return optax.chain(clipped(optax.identity(), cfg.clip, cfg.max_norm), *tail)
-    return optax.chain(clipped(_preconditioner(cfg, axis_name, input_groups), cfg.clip,
-                               cfg.max_norm), *tail)
+        return optax.chain(clipped(optax.identity(), cfg.clip, h["max_norm"]), *tail)
+    return optax.chain(clipped(_preconditioner(cfg, h, axis_name, input_groups), cfg.clip,
+                               h["max_norm"]), *tail)
 
 
-def _preconditioner(cfg: TrainConfig, axis_name, input_groups):
+def _preconditioner(cfg: TrainConfig, h: dict, axis_name, input_groups):
     """``kfac_precondition`` or the exact Woodbury preconditioner of the Fisher family."""
     if cfg.optimizer in ("ef", "ief", "sf"):
         from kfac_jax_peft import fisher
 
         make = {"ef": fisher.ef_precondition, "ief": fisher.ief_precondition,
                 "sf": fisher.sampled_fisher_precondition}[cfg.optimizer]
-        return make(cfg.fisher_damping, damping_scale=cfg.fisher_damping_scale)
-    return kfac_precondition(cfg.damping, decay=cfg.decay, invert_every=cfg.invert_every,
+        return make(h["fisher_damping"], damping_scale=cfg.fisher_damping_scale)
+    return kfac_precondition(h["damping"], decay=h["decay"], invert_every=cfg.invert_every,
                              damping_mode=cfg.damping_mode, axis_name=axis_name,
                              input_groups=input_groups if cfg.share_input_factors else None)
 
 
-def _sophia_chain(cfg: TrainConfig, lr: optax.Schedule, axis_name: str | None
+def _sophia_chain(cfg: TrainConfig, h: dict, lr: optax.Schedule, axis_name: str | None
                   ) -> optax.GradientTransformationExtraArgs:
     """``[clip(max_norm)] -> optax.contrib.sophia``; ``clip="post"`` is refused."""
     from kfac_jax_peft.finetune.sophia import sophia_arm
@@ -85,5 +129,6 @@ def _sophia_chain(cfg: TrainConfig, lr: optax.Schedule, axis_name: str | None
     if cfg.clip == "post":
         raise ValueError("optimizer='sophia' supports clip='pre' (gradient clipping) or "
                          "'none'; Sophia clips each coordinate of its step itself")
-    return optax.chain(clipped(optax.identity(), cfg.clip, cfg.max_norm),
-                       sophia_arm(cfg, lr, decay_mask, axis_name))
+    return optax.chain(clipped(optax.identity(), cfg.clip, h["max_norm"]),
+                       sophia_arm(cfg, lr, decay_mask, axis_name,
+                                  weight_decay=h["weight_decay"]))

@@ -152,10 +152,12 @@ def hutchinson_key(seed: int) -> jax.Array:
 
 
 def sophia_arm(cfg, learning_rate: optax.ScalarOrSchedule, weight_decay_mask=None,
-               axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
+               axis_name: str | None = None, *, weight_decay=None
+               ) -> optax.GradientTransformationExtraArgs:
     """``optax.contrib.sophia`` with ``cfg``'s ``sophia_b1``, ``sophia_b2``,
     ``sophia_gamma``, ``sophia_eps``, ``sophia_hessian_every`` and
-    ``weight_decay`` (on ``weight_decay_mask``), the clip at
+    ``weight_decay`` (on ``weight_decay_mask``; ``weight_decay`` given:
+    that value instead, e.g. a traced one), the clip at
     :data:`CLIP_THRESHOLD`, Hutchinson's estimator keyed by
     :func:`hutchinson_key` (averaged over ``axis_name``), wrapped by
     :func:`with_clip_fraction`. Its ``update`` needs ``params`` and the
@@ -166,7 +168,8 @@ def sophia_arm(cfg, learning_rate: optax.ScalarOrSchedule, weight_decay_mask=Non
         estimator = _pmean_estimate(estimator, axis_name)
     tx = contrib.sophia(
         learning_rate, b1=cfg.sophia_b1, b2=cfg.sophia_b2, eps=cfg.sophia_eps,
-        weight_decay=cfg.weight_decay, weight_decay_mask=weight_decay_mask,
+        weight_decay=cfg.weight_decay if weight_decay is None else weight_decay,
+        weight_decay_mask=weight_decay_mask,
         gamma=cfg.sophia_gamma, clip_threshold=CLIP_THRESHOLD,
         update_interval=cfg.sophia_hessian_every, hessian_diagonal_fn=estimator)
     return with_clip_fraction(tx, b1=cfg.sophia_b1, gamma=cfg.sophia_gamma, eps=cfg.sophia_eps,

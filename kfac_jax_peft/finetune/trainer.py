@@ -29,8 +29,17 @@ What a run guarantees:
   remaining steps is the longer run's). Resuming a finished run returns
   its stored result and writes nothing.
 * **Honest wall-clock.** Every step kind is compiled for every padded
-  length before the clock starts (``precompile``); evaluation,
-  checkpointing and diagnostics are outside it.
+  length before the clock starts (``precompile``, with a "compiling N step
+  variants" count-down on stderr); evaluation, checkpointing and
+  diagnostics are outside it.
+* **One compilation for a sweep.** The hyperparameters of
+  :data:`~kfac_jax_peft.finetune.config.TRACED` are arrays in the optimizer
+  state, not constants of the steps (:mod:`kfac_jax_peft.finetune.optim`),
+  so the compiled steps of the last run built in this process are reused
+  by the next run whose configuration differs only in them, the seed, the
+  run folder or the loop's intervals (:func:`compile_signature`); across
+  processes, JAX's persistent cache (:func:`enable_compilation_cache`)
+  does the same.
 
 Run folder::
 
@@ -43,6 +52,7 @@ Run folder::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -61,6 +71,7 @@ from kfac_jax_peft.finetune import checkpoint as C
 from kfac_jax_peft.finetune.config import (
     PER_SAMPLE,
     TAKES_OBJECTIVE,
+    TRACED,
     TrainConfig,
     check_inputs,
 )
@@ -103,12 +114,47 @@ class RunResult:
 
 def enable_compilation_cache(path: str) -> None:
     """Keep compiled steps in ``path`` (JAX's persistent compilation cache),
-    so that runs differing only in seed, data or run folder skip XLA
-    compilation. A process-wide JAX setting."""
+    so that runs differing only in seed, data, run folder or the traced
+    hyperparameters skip XLA compilation. A process-wide JAX setting."""
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+#: Keys that do not enter the compiled steps when the hyperparameters are
+#: traced: runs that differ only in them share one compilation.
+PER_RUN = TRACED + ("seed", "output_dir", "progress", "precompile", "eval_every",
+                    "checkpoint_every", "log_every")
+
+
+def compile_signature(cfg: TrainConfig, devices: int = 1) -> str:
+    """What the compiled steps of a run of ``cfg`` depend on: its
+    configuration without :data:`PER_RUN`, and the number of devices. Two
+    runs with the same signature run the same compiled programs."""
+    import json
+
+    d = {k: v for k, v in cfg.to_dict().items() if k not in PER_RUN}
+    return json.dumps({**d, "devices": devices}, sort_keys=True)
+
+
+@dataclasses.dataclass
+class _Compiled:
+    """The compiled steps of a run, and the ``(kind, padded length)``
+    variants already run once (compiled)."""
+
+    place: Placement
+    train_steps: dict[str, Callable]
+    eval_step: Callable
+    diagnose: Callable
+    uses_stats: bool
+    warm: set = dataclasses.field(default_factory=set)
+
+
+#: The compiled steps of the last run built in this process, by signature
+#: (one entry: a process that trains one configuration after another keeps
+#: only the last one's programs).
+_COMPILED: dict[str, _Compiled] = {}
 
 
 @dataclasses.dataclass
@@ -130,6 +176,7 @@ class _Run:
     trainable_params: str
     initial: TrainState
     checkpoints: C.Checkpoints
+    compiled: _Compiled | None = None
     clock: Stopwatch = dataclasses.field(default_factory=Stopwatch)
     log: MetricsLog | None = None
     meta: dict = dataclasses.field(default_factory=dict)
@@ -138,7 +185,7 @@ class _Run:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, data: Data | None = None,
-          stop_after: int | None = None) -> RunResult:
+          stop_after: int | None = None, traced: bool = True) -> RunResult:
     """Fine-tune ``cfg.model`` on ``cfg.task``; see the module docstring.
 
     ``resume``: continue the run in ``cfg.output_dir`` from its latest
@@ -148,17 +195,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, data: Data | None = None,
     trainable parameters read from its checkpoint). ``data``: pre-loaded
     data (otherwise loaded from ``cfg``). ``stop_after``: stop (after
     checkpointing) once this step is reached, without the final test
-    evaluation; used to test resumption.
+    evaluation; used to test resumption. ``traced=False`` compiles the
+    hyperparameters in as constants and builds fresh steps (the behaviour
+    before they were traced; ``benchmarks/compile.py`` compares both).
     """
     check_inputs(cfg, resume=resume)  # the files, before anything is loaded
     extension = C.check_resume(cfg) if resume else {}
     if resume and not extension and C.finished_result(cfg.output_dir) is not None:
         return _stored_result(cfg)
-    run = _build(cfg, data or load_data(cfg), num_devices(cfg))
+    run = _build(cfg, data or load_data(cfg), num_devices(cfg), traced)
     state = _restore_or_init(run, resume, extension)
     start = int(run.meta["step"])
     if cfg.precompile:
-        run.log.write("compile", step=start, seconds=_precompile(run, state))
+        seconds, variants = _precompile(run, state)
+        run.log.write("compile", step=start, seconds=seconds, variants=variants)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     state = _train_until(run, state, start, end)
     return _finish(run, state, end)
@@ -174,32 +224,44 @@ def _stored_result(cfg: TrainConfig) -> RunResult:
     return RunResult(**C.finished_result(cfg.output_dir), trainable=trainable)
 
 
-def _build(cfg: TrainConfig, data: Data, n: int) -> _Run:
-    """The model, the optimizer and the compiled steps of a run."""
+def _build(cfg: TrainConfig, data: Data, n: int, traced: bool = True) -> _Run:
+    """The model, the optimizer and the compiled steps of a run (those of the
+    previous run when its :func:`compile_signature` is the same)."""
     model, variables = build_task_model(cfg, data.spec)
     trainable, frozen = split_trainable(variables["params"])
-    place = Placement(n)
-    tx = build_optimizer(cfg, axis_name=place.axis_name, input_groups=model.input_groups)
-    per_sample = cfg.optimizer if cfg.optimizer in PER_SAMPLE else None
-    prepare = None
-    if cfg.optimizer == "kfac" and cfg.damping_mode == "ekfac":
-        groups = model.input_groups if cfg.share_input_factors else None
-        prepare = functools.partial(ekfac_probes, input_groups=groups)
-    steps = make_steps(model, tx, axis_name=place.axis_name, per_sample=per_sample,
-                       num_samples=cfg.num_samples, prepare_probes=prepare,
-                       objective=cfg.optimizer in TAKES_OBJECTIVE)
+    key = compile_signature(cfg, n) if traced else None
+    compiled = _COMPILED.get(key) if key is not None else None
+    place = compiled.place if compiled is not None else Placement(n)
+    tx = build_optimizer(cfg, axis_name=place.axis_name, input_groups=model.input_groups,
+                         traced=traced)
     probes = variables.get("kfac")
     uses_stats = cfg.optimizer == "kfac" and probes is not None
+    if compiled is None:
+        per_sample = cfg.optimizer if cfg.optimizer in PER_SAMPLE else None
+        prepare = None
+        if cfg.optimizer == "kfac" and cfg.damping_mode == "ekfac":
+            groups = model.input_groups if cfg.share_input_factors else None
+            prepare = functools.partial(ekfac_probes, input_groups=groups)
+        steps = make_steps(model, tx, axis_name=place.axis_name, per_sample=per_sample,
+                           num_samples=cfg.num_samples, prepare_probes=prepare,
+                           objective=cfg.optimizer in TAKES_OBJECTIVE)
+        compiled = _Compiled(
+            place=place,
+            # the state is donated: the step updates it in place
+            train_steps={k: place.compile(steps.train[k], donate_argnums=(0,))
+                         for k in step_kinds(cfg, uses_stats)},
+            eval_step=place.compile(steps.eval), diagnose=place.compile(steps.diagnose),
+            uses_stats=uses_stats)
+        _COMPILED.clear()
+        if key is not None:
+            _COMPILED[key] = compiled
     return _Run(
-        cfg=cfg, data=data, place=place,
-        # the state is donated: the step updates it in place
-        train_steps={k: place.compile(steps.train[k], donate_argnums=(0,))
-                     for k in step_kinds(cfg, uses_stats)},
-        eval_step=place.compile(steps.eval), diagnose=place.compile(steps.diagnose),
+        cfg=cfg, data=data, place=place, train_steps=compiled.train_steps,
+        eval_step=compiled.eval_step, diagnose=compiled.diagnose,
         fixed=place.put(Fixed(frozen, probes if uses_stats else None)),
         uses_stats=uses_stats, trainable_params=count_trainable(variables["params"]),
         initial=init_state(trainable, tx, cfg.seed),
-        checkpoints=C.Checkpoints(cfg.output_dir))
+        checkpoints=C.Checkpoints(cfg.output_dir), compiled=compiled)
 
 
 def _restore_or_init(run: _Run, resume: bool, extension: dict) -> TrainState:
@@ -250,7 +312,7 @@ def _train_until(run: _Run, state: TrainState, start: int, end: int) -> TrainSta
     stream = D.train_batches(run.data.train, cfg.batch_size, seed=cfg.seed, start_step=start,
                              pad_to_multiple_of=cfg.pad_to_multiple_of)
     window: list[jax.Array] = []
-    run.bar = _progress(cfg, start, end)
+    run.bar = _progress(cfg, start, end, run.clock)
     run.clock.start()
     for step in range(start, end):
         batch = place.shard(next(stream))
@@ -273,9 +335,10 @@ def _train_until(run: _Run, state: TrainState, start: int, end: int) -> TrainSta
                     _evaluate_and_keep_best(run, state, done)
                 if saving:
                     _checkpoint(run, state, done)
-        if run.bar is not None:
-            run.bar.update(1)
+                if run.bar is not None:
+                    run.bar.sync(done)
     if run.bar is not None:
+        run.bar.sync(end)
         run.bar.close()
     return state
 
@@ -306,9 +369,9 @@ def _log_train(run: _Run, state: TrainState, window: list, diag: dict, done: int
     run.log.write("train", step=done, loss=mean_loss, lr=lr, clip_rate=rate,
                   update_norm=norm, wall_clock=wall, **_clip_fraction(run.place, state),
                   **diag)
-    if run.bar is not None:
-        run.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
-                            clip="-" if rate is None else f"{rate:.2f}")
+    if run.bar is not None:  # the losses are on the host: the steps are done
+        run.bar.sync(done, loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
+                     clip="-" if rate is None else f"{rate:.2f}")
 
 
 def _stop(run: _Run, done: int, what: str) -> None:
@@ -377,19 +440,50 @@ def _finish(run: _Run, state: TrainState, end: int) -> RunResult:
     return result
 
 
-def _precompile(run: _Run, state: TrainState) -> float:
-    """Run every step kind once on every padded length, on copies of the
-    state (the steps donate it); returns the seconds spent."""
+def _precompile(run: _Run, state: TrainState) -> tuple[float, int]:
+    """Run every step kind once on every padded length not yet run in this
+    process, on copies of the state (the steps donate it), with a count-down
+    on stderr; returns the seconds spent and the number of variants."""
     cfg, data = run.cfg, run.data
     t0 = time.perf_counter()
+    todo = [(kind, length) for length in padded_lengths(cfg, data)
+            for kind in run.train_steps if (kind, length) not in run.compiled.warm]
+    if not todo:
+        return 0.0, 0
     first = next(D.train_batches(data.train, cfg.batch_size, seed=cfg.seed,
                                  pad_to_multiple_of=cfg.pad_to_multiple_of))
-    for length in padded_lengths(cfg, data):
+    say = _countdown(len(todo)) if cfg.progress else (lambda left, seconds=None: None)
+    for i, (kind, length) in enumerate(todo):
+        say(len(todo) - i)
         batch = run.place.shard(resize(first, length, data.train.pad_id))
-        outs = [step(jax.tree_util.tree_map(lambda x: x.copy(), state), run.fixed, batch)
-                for step in run.train_steps.values()]
-        jax.block_until_ready(outs)
-    return time.perf_counter() - t0
+        out = run.train_steps[kind](jax.tree_util.tree_map(lambda x: x.copy(), state),
+                                    run.fixed, batch)
+        jax.block_until_ready(out)
+        run.compiled.warm.add((kind, length))
+    seconds = time.perf_counter() - t0
+    say(0, seconds)
+    return seconds, len(todo)
+
+
+def _countdown(total: int) -> Callable:
+    """``say(left, seconds=None)``: one stderr line "compiling N step
+    variants: k left", rewritten in place on a terminal (a line each
+    otherwise), ended with the seconds spent."""
+    import sys
+
+    tty = sys.stderr.isatty()
+    t0 = time.perf_counter()
+
+    def say(left: int, seconds: float | None = None) -> None:
+        head = f"compiling {total} step variant{'s' if total > 1 else ''}"
+        if seconds is not None:
+            text = f"{head}: done in {seconds:.1f} s"
+        else:
+            text = f"{head}: {left} left ({time.perf_counter() - t0:.0f} s)"
+        end = "\n" if seconds is not None or not tty else ""
+        print(("\r\033[K" if tty else "") + text, end=end, file=sys.stderr, flush=True)
+
+    return say
 
 
 def _clip_fraction(place: Placement, state: TrainState) -> dict[str, float]:
@@ -412,13 +506,93 @@ def _clip_counts(place: Placement, opt_state) -> tuple[int, int, float | None]:
     return (int(count), int(num_clipped), norm)
 
 
-def _progress(cfg: TrainConfig, start: int, end: int):
-    if not cfg.progress:
-        return None
-    from tqdm.auto import tqdm
+def _progress(cfg: TrainConfig, start: int, end: int, clock: Stopwatch):
+    return ProgressBar(f"{cfg.task} {cfg.optimizer}/{cfg.clip}", start, end, clock) \
+        if cfg.progress else None
 
-    return tqdm(total=end, initial=start, desc=f"{cfg.task} {cfg.optimizer}/{cfg.clip}",
-                unit="step", dynamic_ncols=True)
+
+class ProgressBar:
+    """The progress bar of a run (tqdm, on stderr).
+
+    It moves only where the loop has waited for the device (log steps,
+    evaluations, checkpoints: :meth:`sync`), so it counts finished steps,
+    not dispatched ones; its rate and ETA are steps per second of the run's
+    :class:`~kfac_jax_peft.finetune.logs.Stopwatch` from the first such
+    point on, so neither the burst of asynchronous dispatch of the first
+    steps nor evaluation and checkpointing enter them (the rate reads "?"
+    until the second point). While it is shown, log records (absl's,
+    orbax's) and warnings are written on their own lines above it instead
+    of into its line.
+    """
+
+    def __init__(self, desc: str, start: int, end: int, clock: Stopwatch, file=None):
+        import sys
+
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=end, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+                        smoothing=0, file=file or sys.stderr)
+        self.clock, self.origin = clock, None
+        self._above = _log_above(self.bar)
+        self._above.__enter__()
+
+    def sync(self, done: int, **postfix) -> None:
+        """``done`` steps are finished (the caller has waited for them)."""
+        seconds = self.clock.read()
+        if self.origin is None:
+            self.origin = seconds
+            self.bar.initial = done  # the rate counts from here
+        self.bar.n = done
+        self.bar.start_t = self.bar._time() - (seconds - self.origin)
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self._above.__exit__(None, None, None)
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def _log_above(bar):
+    """Log records and warnings go above ``bar`` (``tqdm.write``) while
+    inside: console handlers of the root and absl loggers write through it,
+    and so does a handler added to the root logger when it has none (absl
+    records would otherwise reach Python's last-resort handler, which writes
+    into the bar's line)."""
+    import io
+    import logging
+    import sys
+    import warnings
+
+    class Above(io.TextIOBase):
+        def write(self, text):
+            if text.strip():
+                bar.write(text.rstrip("\n"), file=bar.fp)
+            return len(text)
+
+    stream, swapped = Above(), []
+    root = logging.getLogger()
+    for handler in root.handlers + logging.getLogger("absl").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stderr,
+                                                                              sys.stdout):
+            swapped.append((handler, handler.setStream(stream)))
+    added = None
+    if not root.handlers and not logging.getLogger("absl").handlers:  # the last resort's case
+        added = logging.StreamHandler(stream)
+        added.setLevel(logging.WARNING)
+        root.addHandler(added)
+    show = warnings.showwarning
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+        stream.write(warnings.formatwarning(message, category, filename, lineno, line))
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+        if added is not None:
+            root.removeHandler(added)
+        for handler, old in swapped:
+            handler.setStream(old)
 
 
 def steps_to_reach(records: list[dict], target: float) -> int | None:
@@ -429,5 +603,6 @@ def steps_to_reach(records: list[dict], target: float) -> int | None:
     return curves.steps_to_reach([r["step"] for r in train], [r["loss"] for r in train], target)
 
 
-__all__ = ["Data", "RunResult", "Stopwatch", "enable_compilation_cache", "evaluate",
-           "load_data", "num_devices", "steps_to_reach", "train"]
+__all__ = ["Data", "ProgressBar", "RunResult", "Stopwatch", "compile_signature",
+           "enable_compilation_cache", "evaluate", "load_data", "num_devices",
+           "steps_to_reach", "train"]

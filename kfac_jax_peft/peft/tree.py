@@ -10,8 +10,6 @@ frozen base model. Paths are written ``"a/b/c"``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -113,22 +111,15 @@ def save_peft(path: str, trainable: Mapping, config: Mapping | None = None) -> N
     """Write the (small) trainable tree and a JSON config to one safetensors
     file at ``path``, atomically. Tensor names are ``/``-joined paths; the
     config is stored as JSON in the file's metadata. bfloat16 leaves are
-    stored as float32."""
+    stored as float32. The file has the mode an ordinary ``open`` gives
+    (0644 under the usual umask)."""
     from safetensors.numpy import save
+
+    from kfac_jax_peft._files import atomic_write
 
     tensors = {"/".join(k): _to_numpy(v) for k, v in _flat(trainable).items()}
     metadata = {CONFIG_METADATA_KEY: json.dumps(dict(config or {}), sort_keys=True)}
-    data = save(tensors, metadata=metadata)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".peft-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, save(tensors, metadata=metadata))
 
 
 def load_peft(path: str) -> tuple[Params, dict[str, Any]]:
