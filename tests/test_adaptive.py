@@ -113,8 +113,8 @@ def test_the_adapted_damping_reaches_kfac_precondition():
     probes = {"kernel": kp.zeros_stats(d_in, d_out, False)}
 
     def loss(p, pr):
-        return 0.5 * jnp.mean(jnp.sum((kp.dense(X, p["kernel"], probe=None if pr is None else pr["kernel"]) - Y) ** 2,
-                                      -1))
+        out = kp.dense(X, p["kernel"], probe=None if pr is None else pr["kernel"])
+        return 0.5 * jnp.mean(jnp.sum((out - Y) ** 2, -1))
 
     _, grads, stats = kp.kfac_value_and_grad(loss)(params, probes)
     h = lambda p: loss(p, None)  # noqa: E731
