@@ -9,7 +9,9 @@ The public API:
 * transformations: :func:`kfac_precondition` (its stages in
   :mod:`kfac_jax_peft.kfac.stages`), :func:`clip_by_update_norm`,
   :func:`clip_by_fisher_norm`, and :func:`clipped`, which puts a clip
-  before or after a preconditioner;
+  before or after a preconditioner; :func:`adaptive_damping` and
+  :func:`scale_by_quadratic_model` (Levenberg-Marquardt damping and the
+  step size of the exact quadratic model, :mod:`kfac_jax_peft.adaptive`);
 * state readers: :func:`kfac_state`, :func:`describe` (a table of the
   registered layers and what they received), :func:`clip_stats`;
 * :func:`multi_steps`: ``optax.MultiSteps`` that sums the micro-batches'
@@ -24,6 +26,7 @@ HiZOO, LoHO gradient sources), :mod:`kfac_jax_peft.models`,
 :mod:`kfac_jax_peft.peft`, :mod:`kfac_jax_peft.finetune`.
 """
 
+from kfac_jax_peft.adaptive import adaptive_damping, scale_by_quadratic_model
 from kfac_jax_peft.capture import (
     KFACDense,
     LayerStats,
@@ -58,6 +61,7 @@ from kfac_jax_peft.train_state import KFACTrainState
 __version__ = "0.1.0"
 
 __all__ = [
+    "adaptive_damping",
     "add_probes",
     "ClipState",
     "FactorState",
@@ -82,6 +86,7 @@ __all__ = [
     "kfac_state",
     "multi_steps",
     "nnx_value_and_grad",
+    "scale_by_quadratic_model",
     "kfac_value_and_grad",
     "layer_stats",
     "zeros_stats",

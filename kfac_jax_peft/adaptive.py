@@ -32,8 +32,14 @@ has ``rho = NaN`` and raises the damping.
 :func:`scale_by_quadratic_model` (section 6.4; kfac-jax's adaptive learning
 rate and momentum): given the incoming direction ``d`` (the K-FAC direction
 after the Newton-step clip) and the previous step ``p``, the step
-``delta = alpha d + mu p`` minimises (1) with ``C + eta I`` (``eta``: the
-argument ``damping``, 0 by default)::
+``delta = alpha d + mu p`` minimises (1) with ``C + eta I``, ``eta`` the
+damping (the argument ``damping``; by default the extra argument
+``damping=`` that :func:`adaptive_damping` hands to the chain, as in section
+6.4 where the model carries the preconditioner's damping, else 0). ``eta``
+is what bounds the step where the exact curvature along ``d`` is small (a
+LoRA direction that barely moves the logits): the step is then about
+``-(g^T d / eta ||d||^2) d`` rather than unbounded. It is an absolute
+value, added to ``C`` itself::
 
     [alpha, mu]^T = -S^-1 b,   S = [[d^T C' d, d^T C' p], [p^T C' d, p^T C' p]],
                                b = [g^T d, g^T p],   C' = C + eta I            (3)
@@ -256,7 +262,7 @@ def scale_by_quadratic_model(
     learning_rate: optax.ScalarOrSchedule = 1.0,
     *,
     momentum: bool = True,
-    damping: float = 0.0,
+    damping: float | None = None,
     every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     """The step ``learning_rate * (alpha d + mu p)`` minimising the quadratic model.
@@ -271,7 +277,9 @@ def scale_by_quadratic_model(
       learning_rate: factor on the model's step (float or schedule; 1 is the
         minimiser of (3)).
       momentum: also choose ``mu`` for the previous update (section 6.4).
-      damping: ``eta >= 0`` added to the curvature in (3).
+      damping: ``eta >= 0`` added to the curvature in (3); ``None``: the
+        extra argument ``damping=`` of ``update`` where given (what
+        :func:`adaptive_damping` passes), else 0.
       every: recompute ``alpha, mu`` every ``every`` calls (a positive
         integer); between, the last ones are used. Where the model has no
         minimum along ``d`` the previous coefficients are kept (zero before
@@ -283,7 +291,8 @@ def scale_by_quadratic_model(
       ``grads`` (the raw gradient) and ``fvp_fn``.
     """
     H.check_scalar("learning_rate", learning_rate, low=0.0)
-    H.check_scalar("damping", damping, low=0.0, schedule=False)
+    if damping is not None:
+        H.check_scalar("damping", damping, low=0.0, schedule=False)
     H.check_positive_int("every", every)
     momentum = bool(momentum)
 
@@ -295,13 +304,15 @@ def scale_by_quadratic_model(
                                    jnp.zeros((), dtype), velocity)
 
     def update_fn(updates, state, params=None, *, grads=None, fvp_fn=None, **extra_args):
-        del params, extra_args
+        del params
         who = "scale_by_quadratic_model"
         grads, fvp_fn = _need("grads", grads, who), _need("fvp_fn", fvp_fn, who)
+        eta = damping if damping is not None else extra_args.get("damping")
+        eta = 0.0 if eta is None else eta
 
         def solve(_):
             a, m, ok = quadratic_model_coefficients(grads, updates, state.velocity, fvp_fn,
-                                                    damping, momentum)
+                                                    eta, momentum)
             return (jnp.where(ok, a, state.alpha).astype(state.alpha.dtype),
                     jnp.where(ok, m, state.mu).astype(state.mu.dtype))
 

@@ -37,7 +37,10 @@ PER_SAMPLE = ("ef", "ief", "sf")
 CLIP_MODES = ("post", "pre", "none")
 PEFT_METHODS = ("lora", "houlsby", "pfeiffer", "head")
 DAMPING_MODES = ("exact", "factored")
-FISHER_DAMPING_SCALES = ("absolute", "relative")
+#: How a damping value is read: as it is, or relative to the curvature's own
+#: scale (K-FAC: each layer's mean eigenvalue; EF/iEF/SF: the largest Gram diagonal).
+DAMPING_SCALES = ("absolute", "relative")
+FISHER_DAMPING_SCALES = DAMPING_SCALES
 
 #: The paper's four arms (Section 5, Fig. 4) as config overrides.
 ARMS: dict[str, dict[str, Any]] = {
@@ -97,7 +100,20 @@ class TrainConfig:
     read the same input keep one input factor (the model's
     ``INPUT_GROUPS``; less memory, same update unless LoRA dropout is on);
     ``clip`` = ``"post"`` Newton-step clipping,
-    ``"pre"`` gradient clipping, ``"none"``), ``"sgd"``. The learning rate
+    ``"pre"`` gradient clipping, ``"none"``), ``"sgd"``. ``damping_scale``:
+    ``"absolute"`` (``damping`` as it is) or ``"relative"`` (``damping``
+    times each layer's mean eigenvalue ``(tr A / d_A)(tr G / d_G)``, so one
+    value transfers across layers, widths and batch sizes). K-FAC only:
+    ``adaptive_damping`` adapts ``damping`` (its start value) by the
+    Levenberg-Marquardt rule on the ratio of actual to predicted loss
+    reduction, and ``adaptive_step`` takes the step size and momentum that
+    minimise the exact quadratic model along the (clipped) K-FAC direction,
+    with the learning-rate schedule as a factor on that step (use
+    ``learning_rate`` 1 for the model's minimiser) and ``damping`` (absolute)
+    added to the model's curvature; both recompute every
+    ``adaptive_every`` steps (each time one extra forward pass and one
+    Fisher-vector product per vector; :mod:`kfac_jax_peft.adaptive`) and run
+    on one device. The learning rate
     follows a linear warm-up over ``warmup_ratio * steps`` steps, then a
     linear decay to 0 at ``steps``. ``weight_decay`` is decoupled and
     applies to matrices (not biases or LayerNorm scales).
@@ -152,6 +168,10 @@ class TrainConfig:
     invert_every: int = 50
     stats_every: int | None = None
     damping_mode: str = "exact"
+    damping_scale: str = "absolute"
+    adaptive_damping: bool = False
+    adaptive_step: bool = False
+    adaptive_every: int = 1
     share_input_factors: bool = False
     fisher_damping: float = 1e-7
     fisher_damping_scale: str = "absolute"
@@ -275,6 +295,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "invert_every": (_at_least(1), "an integer >= 1"),
     "stats_every": (_at_least(1), "an integer >= 1, or unset (invert_every)"),
     "fisher_damping": (_positive, "a number > 0"),
+    "adaptive_every": (_at_least(1), "an integer >= 1"),
     "num_samples": (_at_least(1), "an integer >= 1"),
     "steps": (_at_least(1), "an integer >= 1"),
     "eval_every": (_at_least(1), "an integer >= 1"),
@@ -288,7 +309,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
 _PATHS = ("model", "data_dir", "output_dir")
 
 _CHOICES = {"peft": PEFT_METHODS, "optimizer": OPTIMIZERS, "clip": CLIP_MODES,
-            "damping_mode": DAMPING_MODES, "fisher_damping_scale": FISHER_DAMPING_SCALES}
+            "damping_mode": DAMPING_MODES, "damping_scale": DAMPING_SCALES,
+            "fisher_damping_scale": FISHER_DAMPING_SCALES}
 
 
 def _type_error(key: str, value: Any, wanted: str) -> ConfigTypeError:
@@ -385,6 +407,17 @@ def _validate_across(cfg: TrainConfig) -> None:
     if cfg.optimizer == "adamw" and cfg.clip == "post":
         raise ConfigError("clip", "must be 'pre' or 'none' with optimizer 'adamw', got 'post' "
                           "(post-clipping is K-FAC's Newton-step clipping)")
+    for key in ("adaptive_damping", "adaptive_step"):
+        if getattr(cfg, key) and cfg.optimizer != "kfac":
+            raise ConfigError(key, f"needs optimizer 'kfac' (the quadratic model is taken "
+                              f"along the K-FAC direction), got {cfg.optimizer!r}")
+        if getattr(cfg, key) and cfg.devices > 1:
+            raise ConfigError("devices", f"must be 1 with {key} (its extra forward pass and "
+                              f"Fisher-vector products run on one device), got {cfg.devices}")
+    if cfg.adaptive_step and cfg.damping_scale != "absolute":
+        raise ConfigError("damping_scale", "must be 'absolute' with adaptive_step (its quadratic "
+                          "model adds the damping to the exact curvature as an absolute value), "
+                          f"got {cfg.damping_scale!r}")
     if cfg.devices > 1:
         if cfg.optimizer in PER_SAMPLE or cfg.log_gamma:
             raise ConfigError("devices", f"must be 1 with optimizer {cfg.optimizer!r} or "

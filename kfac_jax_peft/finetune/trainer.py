@@ -175,7 +175,8 @@ def _build(cfg: TrainConfig, data: Data, n: int) -> _Run:
     tx = build_optimizer(cfg, axis_name=place.axis_name, input_groups=model.input_groups)
     per_sample = cfg.optimizer if cfg.optimizer in PER_SAMPLE else None
     steps = make_steps(model, tx, axis_name=place.axis_name, per_sample=per_sample,
-                       num_samples=cfg.num_samples)
+                       num_samples=cfg.num_samples,
+                       adaptive=cfg.adaptive_damping or cfg.adaptive_step)
     probes = variables.get("kfac")
     uses_stats = cfg.optimizer == "kfac" and probes is not None
     return _Run(
@@ -292,7 +293,8 @@ def _log_train(run: _Run, state: TrainState, window: list, diag: dict, done: int
     # checkpointed, so that a resumed run logs the clip rates of an uninterrupted one
     run.meta.update(last_loss=mean_loss, clip_counts=(calls, clipped))
     run.log.write("train", step=done, loss=mean_loss, lr=lr, clip_rate=rate,
-                  update_norm=norm, wall_clock=wall, **diag)
+                  update_norm=norm, wall_clock=wall, **_adaptive_record(run.place, state),
+                  **diag)
     if run.bar is not None:
         run.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
                             clip="-" if rate is None else f"{rate:.2f}")
@@ -377,6 +379,21 @@ def _precompile(run: _Run, state: TrainState) -> float:
                 for step in run.train_steps.values()]
         jax.block_until_ready(outs)
     return time.perf_counter() - t0
+
+
+def _adaptive_record(place: Placement, state: TrainState) -> dict[str, float]:
+    """``damping`` and ``rho`` of adaptive damping, ``alpha`` and ``mu`` of the
+    quadratic-model step, where the chain has them (the last values set)."""
+    from kfac_jax_peft import adaptive
+
+    out = {}
+    lm = adaptive.adaptive_state(state.opt_state)
+    if lm is not None:
+        out.update(damping=lm.damping, rho=lm.rho)
+    qm = adaptive.adaptive_state(state.opt_state, adaptive.QuadraticModelState)
+    if qm is not None:
+        out.update(alpha=qm.alpha, mu=qm.mu)
+    return {k: float(place.scalar(v)) for k, v in jax.device_get(out).items()}
 
 
 def _clip_counts(place: Placement, opt_state) -> tuple[int, int, float | None]:
