@@ -126,7 +126,7 @@ def main(argv=None):
     header = (f"{'mode':24s} {'plain':>7s} {'stats':>7s} {'invert':>7s}   "
               + " ".join(f"{'k=' + str(k):>7s}" for k in (1, 10, 100, 500)) + "   (x AdamW)")
     rows = []
-    for name in args.modes.split(","):
+    for name in [m for m in args.modes.split(",") if m]:  # --modes "": AdamW (and --adaptive)
         def make(invert_every, name=name):
             pre = kp.kfac_precondition(1e-3, invert_every=invert_every, **MODES[name])
             tx = optax.chain(kp.clipped(pre, "post", 1.0), optax.add_decayed_weights(1e-4),
@@ -209,7 +209,8 @@ def _adaptive_table(cfg, frozen, probes, trainable, batches, reps, t_adamw):
                                                   else 1e-3)
                 if step else optax.scale_by_learning_rate(0.05))
         tx = optax.chain(kp.clipped(pre, "post", 1.0), optax.add_decayed_weights(1e-4), last)
-        return adaptive.adaptive_damping(tx, 1e-3, every=every) if damp else tx
+        # omega fixed: the default (19/20)^every underflows for the huge "never" interval
+        return adaptive.adaptive_damping(tx, 1e-3, every=every, omega=0.95) if damp else tx
 
     def plain_time(tx):
         """Median plain step after one inverting statistics step (at count 0 a
