@@ -72,7 +72,7 @@ def test_each_option_alone(folders, tmp_path):
 
 
 def test_adaptive_options_are_refused_where_they_cannot_run(folders, tmp_path):
-    with pytest.raises(ConfigError, match="adaptive_step"):
+    with pytest.raises(ConfigError, match="needs optimizer .kfac."):
         _cfg(folders, tmp_path, optimizer="adamw", clip="pre")
     with pytest.raises(ConfigError, match="devices"):
         _cfg(folders, tmp_path, devices=2, batch_size=8)
