@@ -27,7 +27,16 @@ cores, an inversion step took 219 ms instead of 146 ms. The script sets
 ``OPENBLAS_NUM_THREADS=1`` (unless already set) before anything loads
 OpenBLAS; do the same in CPU training jobs.
 
-Usage: ``python benchmarks/step_time.py [--size small|base] [--reps 30]``
+``--adaptive`` also times the options of :mod:`kfac_jax_peft.adaptive` on
+a plain K-FAC step (exact damping, Newton-step clip): adaptive damping
+(one more forward pass for the loss after the step, one Fisher-vector
+product), the quadratic-model step with momentum (two products) and both.
+Each is timed with the rule running on every call (``every=1``) and on
+none after the first (``every`` huge), so that for a rule interval ``k``
+the time per step is ``(t_due + (k - 1) t_skip) / k``; printed for ``k`` = 1
+and 10, divided by AdamW's step.
+
+Usage: ``python benchmarks/step_time.py [--size small|base] [--reps 30] [--adaptive]``
 """
 
 from __future__ import annotations
@@ -84,6 +93,8 @@ def main(argv=None):
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--adaptive", action="store_true",
+                    help="also time adaptive damping and the quadratic-model step")
     args = ap.parse_args(argv)
     cfg, batch_size = SIZES[args.size]
 
@@ -119,7 +130,7 @@ def main(argv=None):
     header = (f"{'mode':24s} {'plain':>7s} {'stats':>7s} {'invert':>7s}   "
               + " ".join(f"{'k=' + str(k):>7s}" for k in (1, 10, 100, 500)) + "   (x AdamW)")
     rows = []
-    for name in args.modes.split(","):
+    for name in [m for m in args.modes.split(",") if m]:  # --modes "": AdamW (and --adaptive)
         ekfac = MODES[name]["damping_mode"] == "ekfac"
 
         def make(invert_every, name=name, ekfac=ekfac):
@@ -151,6 +162,82 @@ def main(argv=None):
               "   statistics every step")
         cells = " ".join(f"{r:7.2f}" for r in only)
         print(f"{'':24s} {'':7s} {'':7s} {'':7s}   {cells}   statistics on inversion steps")
+    if args.adaptive:
+        _adaptive_table(cfg, frozen, probes, trainable, batches, args.reps, t_adamw)
+
+
+def _adaptive_steps(cfg, frozen, probes, tx):
+    """``(stats_step, plain_step)`` passing the extra arguments of
+    :mod:`kfac_jax_peft.adaptive` (loss, gradient, loss function on the
+    batch, exact Fisher-vector product through the logits)."""
+    from kfac_jax_peft import fisher
+    from kfac_jax_peft.peft import merge_trainable
+
+    model = toy.ToyEncoder(cfg)
+
+    def logits_fn(trainable, pr, batch):
+        variables = {"params": merge_trainable(trainable, frozen)}
+        if pr is not None:
+            variables["kfac"] = pr
+        return model.apply(variables, batch["ids"], batch["mask"])
+
+    def loss_fn(trainable, pr, batch):
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+            logits_fn(trainable, pr, batch), batch["labels"]))
+
+    grad_stats = kp.kfac_value_and_grad(loss_fn)
+
+    def update(trainable, opt_state, batch, loss, grads, **kw):
+        fvp_fn = lambda v: fisher.fisher_vector_product(  # noqa: E731
+            lambda p, b: logits_fn(p, None, b), trainable, batch)(v)
+        updates, opt_state = tx.update(grads, opt_state, trainable, loss=loss, grads=grads,
+                                       value_fn=lambda p: loss_fn(p, None, batch),
+                                       fvp_fn=fvp_fn, **kw)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    @jax.jit
+    def stats_step(trainable, opt_state, batch):
+        loss, grads, stats = grad_stats(trainable, probes, batch)
+        return update(trainable, opt_state, batch, loss, grads, kfac_stats=stats)
+
+    @jax.jit
+    def plain_step(trainable, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, None, batch)
+        return update(trainable, opt_state, batch, loss, grads)
+
+    return stats_step, plain_step
+
+
+def _adaptive_table(cfg, frozen, probes, trainable, batches, reps, t_adamw):
+    from kfac_jax_peft import adaptive
+
+    def chain(damp, step, every):
+        pre = kp.kfac_precondition(1e-3, invert_every=10**9)
+        last = (adaptive.scale_by_quadratic_model(1.0, every=every, damping=None if damp
+                                                  else 1e-3)
+                if step else optax.scale_by_learning_rate(0.05))
+        tx = optax.chain(kp.clipped(pre, "post", 1.0), optax.add_decayed_weights(1e-4), last)
+        # omega fixed: the default (19/20)^every underflows for the huge "never" interval
+        return adaptive.adaptive_damping(tx, 1e-3, every=every, omega=0.95) if damp else tx
+
+    def plain_time(tx):
+        """Median plain step after one inverting statistics step (at count 0 a
+        rule with a huge interval runs once, there)."""
+        stats_step, plain_step = _adaptive_steps(cfg, frozen, probes, tx)
+        tr, state, _ = stats_step(trainable, tx.init(trainable), batches[0])
+        return _median_time(plain_step, tr, state, batches, reps)[0]
+
+    t_kfac = plain_time(chain(False, False, 1))
+    print()
+    print(f"adaptive options on a plain K-FAC step (exact damping, post-clip; K-FAC plain "
+          f"step {1e3 * t_kfac:.2f} ms = {t_kfac / t_adamw:.2f} x AdamW)")
+    print(f"{'option':28s} {'due':>8s} {'skip':>8s}   {'k=1':>7s} {'k=10':>7s}   (x AdamW)")
+    for name, damp, step in (("adaptive damping", True, False),
+                             ("adaptive step + momentum", False, True),
+                             ("both", True, True)):
+        t_due, t_skip = plain_time(chain(damp, step, 1)), plain_time(chain(damp, step, 10**9))
+        cells = " ".join(f"{(t_due + (k - 1) * t_skip) / k / t_adamw:7.2f}" for k in (1, 10))
+        print(f"{name:28s} {1e3 * t_due:8.2f} {1e3 * t_skip:8.2f}   {cells}")
 
 
 if __name__ == "__main__":

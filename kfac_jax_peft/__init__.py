@@ -9,7 +9,9 @@ The public API:
 * transformations: :func:`kfac_precondition` (its stages in
   :mod:`kfac_jax_peft.kfac.stages`), :func:`clip_by_update_norm`,
   :func:`clip_by_fisher_norm`, and :func:`clipped`, which puts a clip
-  before or after a preconditioner;
+  before or after a preconditioner; :func:`adaptive_damping` and
+  :func:`scale_by_quadratic_model` (Levenberg-Marquardt damping and the
+  step size of the exact quadratic model, :mod:`kfac_jax_peft.adaptive`);
 * EKFAC: ``kfac_precondition(damping_mode="ekfac")`` with probes from
   :func:`ekfac_probes` (:class:`EKFACProbe`);
 * state readers: :func:`kfac_state`, :func:`describe` (a table of the
@@ -28,6 +30,7 @@ HiZOO, LoHO gradient sources), :mod:`kfac_jax_peft.models`,
 :mod:`kfac_jax_peft.peft`, :mod:`kfac_jax_peft.finetune`.
 """
 
+from kfac_jax_peft.adaptive import adaptive_damping, scale_by_quadratic_model
 from kfac_jax_peft.capture import (
     EKFACProbe,
     KFACDense,
@@ -65,6 +68,7 @@ from kfac_jax_peft.train_state import KFACTrainState
 __version__ = "0.1.0"
 
 __all__ = [
+    "adaptive_damping",
     "add_probes",
     "ClipState",
     "EKFACProbe",
@@ -93,6 +97,7 @@ __all__ = [
     "nnx_value_and_grad",
     "nys_newton_cg",
     "NysNewtonCGState",
+    "scale_by_quadratic_model",
     "kfac_value_and_grad",
     "layer_stats",
     "zeros_stats",

@@ -40,7 +40,10 @@ TAKES_OBJECTIVE = ("sophia",)
 CLIP_MODES = ("post", "pre", "none")
 PEFT_METHODS = ("lora", "houlsby", "pfeiffer", "head")
 DAMPING_MODES = ("exact", "ekfac", "factored")
-FISHER_DAMPING_SCALES = ("absolute", "relative")
+#: How a damping value is read: as it is, or relative to the curvature's own
+#: scale (K-FAC: each layer's mean eigenvalue; EF/iEF/SF: the largest Gram diagonal).
+DAMPING_SCALES = ("absolute", "relative")
+FISHER_DAMPING_SCALES = DAMPING_SCALES
 
 #: The paper's four arms (Section 5, Fig. 4) as config overrides.
 ARMS: dict[str, dict[str, Any]] = {
@@ -145,6 +148,19 @@ class TrainConfig:
             statistics between decompositions; needs stats_every below
             invert_every) or factored (pi-adjusted damping of each factor)
             K-FAC damping.
+        damping_scale: absolute (damping as it is) or relative (damping
+            times each layer's mean eigenvalue (tr A / d_A)(tr G / d_G), so
+            one value transfers across layers, widths and batch sizes).
+        adaptive_damping: adapt K-FAC's damping (damping is its start) by
+            the Levenberg-Marquardt rule on the ratio of the actual to the
+            predicted loss reduction (one device).
+        adaptive_step: take the step size and momentum minimising the exact
+            quadratic model along the clipped K-FAC direction, with the
+            learning-rate schedule as a factor on that step (1: the model's
+            minimiser) and the absolute damping added to its curvature (one
+            device).
+        adaptive_every: the adaptive rules recompute every this many steps
+            (each time an extra forward pass and Fisher-vector products).
         share_input_factors: LoRA A layers that read the same input keep one
             input factor (less memory; the same update unless LoRA dropout
             is on).
@@ -209,6 +225,10 @@ class TrainConfig:
     invert_every: int = 50
     stats_every: int | None = None
     damping_mode: str = "exact"
+    damping_scale: str = "absolute"
+    adaptive_damping: bool = False
+    adaptive_step: bool = False
+    adaptive_every: int = 1
     share_input_factors: bool = False
     fisher_damping: float = 1e-7
     fisher_damping_scale: str = "absolute"
@@ -337,6 +357,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "invert_every": (_at_least(1), "an integer >= 1"),
     "stats_every": (_at_least(1), "an integer >= 1, or unset (invert_every)"),
     "fisher_damping": (_positive, "a number > 0"),
+    "adaptive_every": (_at_least(1), "an integer >= 1"),
     "num_samples": (_at_least(1), "an integer >= 1"),
     "sophia_b1": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "sophia_b2": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
@@ -355,7 +376,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
 _PATHS = ("model", "data_dir", "output_dir")
 
 _CHOICES = {"peft": PEFT_METHODS, "optimizer": OPTIMIZERS, "clip": CLIP_MODES,
-            "damping_mode": DAMPING_MODES, "fisher_damping_scale": FISHER_DAMPING_SCALES}
+            "damping_mode": DAMPING_MODES, "damping_scale": DAMPING_SCALES,
+            "fisher_damping_scale": FISHER_DAMPING_SCALES}
 
 
 def _type_error(key: str, value: Any, wanted: str) -> ConfigTypeError:
@@ -461,6 +483,17 @@ def _validate_across(cfg: TrainConfig) -> None:
                               "damping_mode 'ekfac' (its diagonal is re-estimated from the "
                               "statistics between decompositions), got stats_every="
                               f"{stats_every}, invert_every={cfg.invert_every}")
+    for key in ("adaptive_damping", "adaptive_step"):
+        if getattr(cfg, key) and cfg.optimizer != "kfac":
+            raise ConfigError(key, f"needs optimizer 'kfac' (the quadratic model is taken "
+                              f"along the K-FAC direction), got {cfg.optimizer!r}")
+        if getattr(cfg, key) and cfg.devices > 1:
+            raise ConfigError("devices", f"must be 1 with {key} (its extra forward pass and "
+                              f"Fisher-vector products run on one device), got {cfg.devices}")
+    if cfg.adaptive_step and cfg.damping_scale != "absolute":
+        raise ConfigError("damping_scale", "must be 'absolute' with adaptive_step (its quadratic "
+                          "model adds the damping to the exact curvature as an absolute value), "
+                          f"got {cfg.damping_scale!r}")
     if cfg.devices > 1:
         if cfg.optimizer in PER_SAMPLE or cfg.log_gamma:
             raise ConfigError("devices", f"must be 1 with optimizer {cfg.optimizer!r} or "

@@ -62,6 +62,8 @@ def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None, input_gro
         kfac:  post: kfac_precondition -> clip(max_norm) -> decay -> -schedule
                pre:  clip(max_norm) -> kfac_precondition -> decay -> -schedule
                none: kfac_precondition -> decay -> -schedule
+               (adaptive_step: scale_by_quadratic_model(schedule) for -schedule;
+                adaptive_damping: the whole chain inside adaptive_damping)
 
     The clip is placed by :func:`kfac_jax_peft.clipping.clipped` (its state
     records the clip rate). For SGD, ``"post"`` and ``"pre"`` both clip the
@@ -104,8 +106,33 @@ def _chain(cfg: TrainConfig, h: dict, axis_name, input_groups, always_decay: boo
         + [optax.scale_by_learning_rate(lr)]
     if cfg.optimizer == "sgd":
         return optax.chain(clipped(optax.identity(), cfg.clip, h["max_norm"]), *tail)
-    return optax.chain(clipped(_preconditioner(cfg, h, axis_name, input_groups), cfg.clip,
-                               h["max_norm"]), *tail)
+    preconditioner = _preconditioner(cfg, h, axis_name, input_groups)
+    if cfg.adaptive_damping or cfg.adaptive_step:
+        return _adaptive_chain(cfg, h, preconditioner, tail[:-1], lr)
+    return optax.chain(clipped(preconditioner, cfg.clip, h["max_norm"]), *tail)
+
+
+def _adaptive_chain(cfg: TrainConfig, h: dict, preconditioner, decay: list, lr):
+    """K-FAC with ``adaptive_step`` and/or ``adaptive_damping``::
+
+        [adaptive_damping(] kfac_precondition -> clip -> decay
+                            -> scale_by_quadratic_model(lr) | -lr [)]
+
+    The step reads the extra arguments ``grads`` and ``fvp_fn``; the damping
+    wrapper also ``loss`` and ``value_fn`` (:mod:`kfac_jax_peft.adaptive`),
+    which :func:`kfac_jax_peft.finetune.steps.make_steps` passes with
+    ``adaptive=True``. The damping ``h["damping"]`` is the adapted damping's
+    start value."""
+    from kfac_jax_peft import adaptive
+
+    # the model's damping: the adapted one (handed down by adaptive_damping), or the fixed one
+    eta = None if cfg.adaptive_damping else h["damping"]
+    step = (adaptive.scale_by_quadratic_model(lr, damping=eta, every=cfg.adaptive_every)
+            if cfg.adaptive_step else optax.scale_by_learning_rate(lr))
+    inner = optax.chain(clipped(preconditioner, cfg.clip, h["max_norm"]), *decay, step)
+    if not cfg.adaptive_damping:
+        return inner
+    return adaptive.adaptive_damping(inner, h["damping"], every=cfg.adaptive_every)
 
 
 def _preconditioner(cfg: TrainConfig, h: dict, axis_name, input_groups):
@@ -117,7 +144,8 @@ def _preconditioner(cfg: TrainConfig, h: dict, axis_name, input_groups):
                 "sf": fisher.sampled_fisher_precondition}[cfg.optimizer]
         return make(h["fisher_damping"], damping_scale=cfg.fisher_damping_scale)
     return kfac_precondition(h["damping"], decay=h["decay"], invert_every=cfg.invert_every,
-                             damping_mode=cfg.damping_mode, axis_name=axis_name,
+                             damping_mode=cfg.damping_mode,
+                             damping_scale=cfg.damping_scale, axis_name=axis_name,
                              input_groups=input_groups if cfg.share_input_factors else None)
 
 

@@ -103,13 +103,15 @@ def all_finite(tree) -> jax.Array:
 def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
                axis_name: str | None = None, per_sample: str | None = None,
                num_samples: int = 1, objective: bool = False,
-               prepare_probes: Callable | None = None) -> Steps:
+               prepare_probes: Callable | None = None, adaptive: bool = False) -> Steps:
     """The step functions of a run, un-jitted. ``per_sample`` (``"ef" |
     "ief" | "sf"``) adds the ``"sample"`` kind; ``num_samples`` is SF's
     number of sampled labels per example; ``objective``: pass ``obj_fn``
     (:func:`_objective`) to the chain; ``prepare_probes(probes,
     opt_state) -> probes`` runs before a statistics step's capture (EKFAC's
-    :func:`~kfac_jax_peft.ekfac_probes`)."""
+    :func:`~kfac_jax_peft.ekfac_probes`). ``adaptive``: the chain takes the
+    extra arguments of :mod:`kfac_jax_peft.adaptive` (see
+    :func:`adaptive_args`)."""
     def loss_fn(trainable, frozen, probes, batch, rng):
         logits = model.logits(merge_trainable(trainable, frozen), probes, batch, rng)
         return model.loss(logits, batch)
@@ -124,23 +126,32 @@ def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
     def apply(state, loss, grads, **extra):
         if axis_name is not None:
             loss, grads = jax.lax.pmean((loss, grads), axis_name)
+        if adaptive:  # the step's loss and raw gradient (kfac_jax_peft.adaptive)
+            extra.update(loss=loss, grads=grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable, **extra)
         trainable = optax.apply_updates(state.trainable, updates)
         return state._replace(step=state.step + 1, trainable=trainable,
                               opt_state=opt_state), loss
+
+    def extras(state, fixed, batch):
+        if not adaptive:
+            return {}
+        rng = step_rng(state)
+        return adaptive_args(model, state.trainable, fixed.frozen, batch,
+                             lambda p: loss_fn(p, fixed.frozen, None, batch, rng))
 
     def stats_step(state, fixed, batch):
         probes = (fixed.probes if prepare_probes is None
                   else prepare_probes(fixed.probes, state.opt_state))
         loss, grads, stats = grad_stats(state.trainable, probes, fixed.frozen, batch,
                                         step_rng(state))
-        return apply(state, loss, grads, kfac_stats=stats)
+        return apply(state, loss, grads, kfac_stats=stats, **extras(state, fixed, batch))
 
     def plain_step(state, fixed, batch):
         loss, grads = jax.value_and_grad(loss_fn)(state.trainable, fixed.frozen, None, batch,
                                                   step_rng(state))
         extra = _objective(loss_fn, fixed, batch, step_rng(state)) if objective else {}
-        return apply(state, loss, grads, **extra)
+        return apply(state, loss, grads, **extra, **extras(state, fixed, batch))
 
     def sample_step(state, fixed, batch):
         loss, grads, extras = per_sample_fn(per_sample)(state.trainable, fixed.frozen, batch,
@@ -165,6 +176,29 @@ def _objective(loss_fn: Callable, fixed: Fixed, batch, rng) -> dict[str, Callabl
     argument of ``optax.contrib.sophia``'s Hessian-diagonal estimator). On a
     ``pmap`` axis it is this shard's loss; the estimator averages."""
     return {"obj_fn": lambda trainable: loss_fn(trainable, fixed.frozen, None, batch, rng)}
+
+
+def adaptive_args(model: TaskModel, trainable, frozen, batch, value_fn: Callable) -> dict:
+    """The extra arguments of :mod:`kfac_jax_peft.adaptive` for one step
+    besides its ``loss`` and ``grads``: ``value_fn`` (the training loss on
+    the same batch with the same dropout key) and ``fvp_fn``, the exact
+    Gauss-Newton (= Fisher, for cross-entropy) product of the training loss
+    through the logits, without dropout. ``fvp_fn`` linearises the model
+    when called, so a step on which no rule runs (``lax.cond``) pays nothing."""
+    from kfac_jax_peft import fisher
+
+    def batch_loss(outputs, frozen, batch):
+        # per-example terms whose mean over all rows is the training loss (a
+        # mean over the valid rows): the curvature is that of the loss optimised
+        valid = batch["valid"].astype(jnp.float32)
+        n = valid.shape[0] / jnp.maximum(jnp.sum(valid), 1.0)
+        return model.per_example_loss(outputs, batch["labels"]) * valid * n
+
+    def fvp_fn(v):
+        return fisher.fisher_vector_product(_model_fn(model), trainable, frozen, batch,
+                                            loss_fn=batch_loss)(v)
+
+    return dict(value_fn=value_fn, fvp_fn=fvp_fn)
 
 
 def _step_rng(state: TrainState, axis_name: str | None) -> jax.Array:

@@ -244,7 +244,8 @@ def _build(cfg: TrainConfig, data: Data, n: int, traced: bool = True) -> _Run:
             prepare = functools.partial(ekfac_probes, input_groups=groups)
         steps = make_steps(model, tx, axis_name=place.axis_name, per_sample=per_sample,
                            num_samples=cfg.num_samples, prepare_probes=prepare,
-                           objective=cfg.optimizer in TAKES_OBJECTIVE)
+                           objective=cfg.optimizer in TAKES_OBJECTIVE,
+                           adaptive=cfg.adaptive_damping or cfg.adaptive_step)
         compiled = _Compiled(
             place=place,
             # the state is donated: the step updates it in place
@@ -368,7 +369,7 @@ def _log_train(run: _Run, state: TrainState, window: list, diag: dict, done: int
     run.meta.update(last_loss=mean_loss, clip_counts=(calls, clipped))
     run.log.write("train", step=done, loss=mean_loss, lr=lr, clip_rate=rate,
                   update_norm=norm, wall_clock=wall, **_clip_fraction(run.place, state),
-                  **diag)
+                  **_adaptive_record(run.place, state), **diag)
     if run.bar is not None:  # the losses are on the host: the steps are done
         run.bar.sync(done, loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
                      clip="-" if rate is None else f"{rate:.2f}")
@@ -494,6 +495,21 @@ def _clip_fraction(place: Placement, state: TrainState) -> dict[str, float]:
 
     f = clip_fraction(state.opt_state)
     return {} if f is None else {"clip_fraction": place.scalar(jax.device_get(f))}
+
+
+def _adaptive_record(place: Placement, state: TrainState) -> dict[str, float]:
+    """``damping`` and ``rho`` of adaptive damping, ``alpha`` and ``mu`` of the
+    quadratic-model step, where the chain has them (the last values set)."""
+    from kfac_jax_peft import adaptive
+
+    out = {}
+    lm = adaptive.adaptive_state(state.opt_state)
+    if lm is not None:
+        out.update(damping=lm.damping, rho=lm.rho)
+    qm = adaptive.adaptive_state(state.opt_state, adaptive.QuadraticModelState)
+    if qm is not None:
+        out.update(alpha=qm.alpha, mu=qm.mu)
+    return {k: float(place.scalar(v)) for k, v in jax.device_get(out).items()}
 
 
 def _clip_counts(place: Placement, opt_state) -> tuple[int, int, float | None]:

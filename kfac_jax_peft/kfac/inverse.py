@@ -36,6 +36,18 @@ Two damping modes:
     matmul-only, falling back to Cholesky when the warm start is too far off
     (see :func:`newton_schulz`).
 
+Damping scale. ``damping_scale="absolute"`` reads ``lambda`` as it is;
+``"relative"`` multiplies it, layer by layer, by the mean eigenvalue of the
+layer's block, ``s = tr(A kron G) / (d_a d_g) = (tr A / d_a)(tr G / d_g)``
+(:func:`relative_scale`), so that the damped block is ``A kron G + lambda s
+I``: one value means the same thing in every layer, at every width, batch
+size and Fisher type, and the direction is unchanged when the loss is
+multiplied by a constant. A relative ``lambda`` maps to the absolute value
+``lambda s`` of each layer. With ``factored`` damping the pi-adjusted pair
+becomes ``(A + sqrt(lambda) (tr A / d_a) I) kron (G + sqrt(lambda) (tr G /
+d_g) I)``. Where a trace is zero or not finite (LoRA's zero ``B`` at the
+start), ``s = 1``: the value is read as absolute for that layer.
+
 Matrices of equal size are stacked and inverted in one batched call.
 """
 
@@ -50,6 +62,7 @@ import jax.numpy as jnp
 HP = jax.lax.Precision.HIGHEST
 
 DAMPING_MODES = ("exact", "ekfac", "factored")
+DAMPING_SCALES = ("absolute", "relative")
 INVERSE_METHODS = ("cholesky", "cholesky_solve", "eigh", "newton_schulz")
 
 
@@ -119,6 +132,31 @@ def pi_adjustment(A: jnp.ndarray, G: jnp.ndarray) -> jnp.ndarray:
     tiny = jnp.finfo(A.dtype).tiny
     ok = (ta > tiny) & (tg > tiny) & jnp.isfinite(ta) & jnp.isfinite(tg)
     return jnp.where(ok, jnp.sqrt(jnp.where(ok, ta / jnp.where(ok, tg, 1.0), 1.0)), 1.0)
+
+
+def _scale_or_one(ta, tg):
+    tiny = jnp.finfo(ta.dtype).tiny
+    ok = (ta > tiny) & (tg > tiny) & jnp.isfinite(ta * tg) & (ta * tg > tiny)
+    return jnp.where(ok, ta * tg, 1.0)
+
+
+def relative_scale(A: jnp.ndarray, G: jnp.ndarray) -> jnp.ndarray:
+    """``(tr A / d_a)(tr G / d_g)``, the mean eigenvalue of ``A kron G``
+    (1 where it is zero or not finite): what ``damping_scale="relative"``
+    multiplies the damping by."""
+    return _scale_or_one(jnp.trace(A) / A.shape[0], jnp.trace(G) / G.shape[0])
+
+
+def relative_scale_eigen(curv) -> jnp.ndarray:
+    """:func:`relative_scale` from the stored eigenvalues (round-off
+    negatives clipped to zero, as where the direction is computed); for
+    EKFAC's :class:`EigenCorrected`, the mean of its corrected diagonal (the
+    mean eigenvalue of its block, as for K-FAC)."""
+    if isinstance(curv, EigenCorrected):
+        mean = jnp.mean(jnp.maximum(curv.scale, 0.0))
+        return jnp.where(jnp.isfinite(mean) & (mean > 0), mean, 1.0)
+    return _scale_or_one(jnp.mean(jnp.maximum(curv.a, 0.0)),
+                         jnp.mean(jnp.maximum(curv.g, 0.0)))
 
 
 def _over_batch(fn: Callable, stack: jnp.ndarray):
@@ -217,15 +255,17 @@ def invert(factors: Sequence[tuple], previous: Sequence, mode: str, method: str,
     """New curvature representations for a list of ``(A, G)`` factor pairs.
 
     ``previous`` holds the current representations (the warm start of the
-    Newton-Schulz method); ``damping`` is used only by ``factored`` mode.
+    Newton-Schulz method); ``damping`` is used only by ``factored`` mode: one
+    value for every pair, or a sequence with one value per pair.
     """
     if mode == "exact":
         dec = eigen_factors([m for ag in factors for m in ag])
         return [Eigen(*dec[2 * i], *dec[2 * i + 1]) for i in range(len(factors))]
     damped = []
-    for A, G in factors:
+    per_pair = isinstance(damping, list | tuple)
+    for i, (A, G) in enumerate(factors):
         pi = pi_adjustment(A, G)
-        sd = jnp.sqrt(jnp.asarray(damping, A.dtype))
+        sd = jnp.sqrt(jnp.asarray(damping[i] if per_pair else damping, A.dtype))
         damped.append(A + pi * sd * jnp.eye(A.shape[0], dtype=A.dtype))
         damped.append(G + sd / pi * jnp.eye(G.shape[0], dtype=G.dtype))
     if method == "cholesky_solve":

@@ -262,12 +262,17 @@ def exact_flags(specs: Mapping[str, LayerSpec], factors: Mapping[str, FactorStat
 
 def invert_layers(specs: Mapping[str, LayerSpec], factors: Mapping[str, FactorState],
                   layers: Mapping[str, LayerState], damping, method: str,
-                  ns_iterations: int, ns_tolerance: float) -> dict:
+                  ns_iterations: int, ns_tolerance: float,
+                  damping_scale: str = "absolute") -> dict:
     """``factored`` damping: new damped inverses of every layer's pair of
-    estimates; a non-finite result keeps the previous inverses."""
+    estimates; a non-finite result keeps the previous inverses. With
+    ``damping_scale="relative"`` each pair is damped by ``damping`` times its
+    :func:`~kfac_jax_peft.kfac.inverse.relative_scale`."""
     paths = sorted(specs)
     pairs = [tuple(F.estimate_one(factors[k].average, factors[k].weight)
                    for k in (specs[p].a_key, specs[p].g_key)) for p in paths]
+    if damping_scale == "relative":
+        damping = [damping * I.relative_scale(A, G) for A, G in pairs]
     new = I.invert(pairs, [layers[p].inverse for p in paths], "factored", method, damping,
                    ns_iterations, ns_tolerance)
     out = dict(layers)
@@ -303,17 +308,24 @@ def layer_leaves(flat: Mapping, spec: LayerSpec):
 
 
 def precondition(updates, specs: Mapping[str, LayerSpec], factors: Mapping[str, FactorState],
-                 layers: Mapping[str, LayerState], damping, exact: bool):
+                 layers: Mapping[str, LayerState], damping, exact: bool,
+                 damping_scale: str = "absolute"):
     """Each registered layer's ``[grad W; grad b]`` times its damped inverse
     Kronecker block (see :mod:`kfac_jax_peft.kfac.inverse`), in the
-    factors' dtype, cast back to the gradient's; other leaves unchanged."""
+    factors' dtype, cast back to the gradient's; other leaves unchanged.
+    ``exact`` damping with ``damping_scale="relative"`` damps each layer by
+    ``damping`` times the mean eigenvalue of its block
+    (:func:`~kfac_jax_peft.kfac.inverse.relative_scale_eigen`)."""
     flat = flatten(updates)
     parts: dict = {}  # leaf path -> {index: new value}
     for name, spec in specs.items():
         gw, gb = layer_leaves(flat, spec)
         w2 = gw.reshape(-1, spec.d_g)  # [prod(in axes), prod(out axes)]
         v = w2 if gb is None else jnp.concatenate([w2, gb.reshape(1, -1).astype(gw.dtype)], 0)
-        u = I.precondition(v, _curvature(spec, factors, layers, exact), damping)
+        curv = _curvature(spec, factors, layers, exact)
+        lam = (damping * I.relative_scale_eigen(curv)
+               if exact and damping_scale == "relative" else damping)
+        u = I.precondition(v, curv, lam)
         u = jnp.where(layers[name].has_curvature, u, v.astype(u.dtype))
         parts.setdefault(spec.kernel, {})[spec.index] = u[:w2.shape[0]].reshape(gw.shape)
         if gb is not None:

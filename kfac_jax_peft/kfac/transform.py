@@ -16,6 +16,25 @@ and ``G = E_examples[g g^T]`` for a loss that is a mean over examples. See
 :mod:`kfac_jax_peft.kfac.ekfac` for EKFAC's diagonal ``s``, and
 :mod:`kfac_jax_peft.kfac.stages` for the stages composed here.
 
+**Damping scale.** ``damping_scale="absolute"`` (the default) uses
+``damping`` as it is. The factors' scale depends on the model width, the
+batch size and the Fisher type (the empirical Fisher's ``G`` grows with the
+batch size), so an absolute value does not transfer; with
+``damping_scale="relative"`` each layer is damped by ``damping * s``, ``s =
+(tr A / d_a)(tr G / d_g)`` the mean eigenvalue of its block ``A kron G``
+(so relative ``1e-2`` is one hundredth of the layer's average curvature;
+relative ``r`` equals absolute ``r * s`` layer by layer). Multiplying the
+loss by ``c`` multiplies ``G`` by ``c^2`` and the gradient by ``c``: with
+relative damping the direction is unchanged (its length is divided by
+``c``); with absolute damping it changes.
+
+**Damping at run time.** The extra argument ``damping=`` of ``update``
+replaces the configured damping for that call (in the same scale): this is
+how :func:`~kfac_jax_peft.adaptive.adaptive_damping` hands its
+Levenberg-Marquardt damping to the preconditioner it wraps. With
+``factored`` damping the damping enters at inversions only, so a value
+passed between inversions takes effect at the next one.
+
 **Schedule.** The statistics arrive as the keyword-only extra argument
 ``kfac_stats`` of ``update``. ``kfac_stats=None`` means "no new
 statistics": the factors are untouched, no inversion happens, and the step
@@ -141,6 +160,7 @@ class KFACState(NamedTuple):
 
 class _Config(NamedTuple):
     exact: bool  # eigendecompositions of the factors (exact or ekfac damping)
+    scale: str
     method: str
     dtype: Any
     store: bool
@@ -155,6 +175,7 @@ def kfac_precondition(
     decay: optax.ScalarOrSchedule = 0.95,
     invert_every: int = 1,
     damping_mode: str = "exact",
+    damping_scale: str = "absolute",
     inverse_method: str = "cholesky_solve",
     axis_name: str | None = None,
     layer_filter: Callable[[str, Any], bool] | None = None,
@@ -180,6 +201,9 @@ def kfac_precondition(
         :mod:`kfac_jax_peft.kfac.ekfac`; the statistics must come from
         probes passed through :func:`~kfac_jax_peft.ekfac_probes`, and
         ``invert_every >= 2``) or ``"factored"``.
+      damping_scale: ``"absolute"`` (``damping`` as given) or ``"relative"``
+        (times each layer's mean eigenvalue ``(tr A / d_a)(tr G / d_g)``; see
+        the module documentation).
       inverse_method: for ``factored``: ``"cholesky_solve"`` (the default:
         stored Cholesky factors, triangular solves each step), ``"cholesky"``
         (stored inverses), ``"eigh"`` or ``"newton_schulz"`` (matmul-only,
@@ -223,8 +247,10 @@ def kfac_precondition(
                     store_factors)
     if inverse_method == "newton_schulz":
         ns_iterations = int(H.check_positive_int("ns_iterations", ns_iterations))
+    H.check_choice("damping_scale", damping_scale, I.DAMPING_SCALES)
     strict = bool(strict)
-    cfg = _Config(exact=damping_mode in ("exact", "ekfac"), method=inverse_method,
+    cfg = _Config(exact=damping_mode in ("exact", "ekfac"), scale=damping_scale,
+                  method=inverse_method,
                   dtype=H.check_factor_dtype(factor_dtype), store=bool(store_factors),
                   layer_filter=layer_filter or default_layer_filter,
                   groups=group_fn(input_groups), ekfac=damping_mode == "ekfac")
@@ -235,21 +261,22 @@ def kfac_precondition(
         return _init_state(cfg, params, strict)
 
     def update_fn(updates, state, params=None, *, kfac_stats=None, **extra_args):
-        del params, extra_args
+        del params
         kernels = {_kernel_of(name) for name in state.layers}
         specs = register(updates, lambda p, x: cfg.layer_filter(p, x) if p in kernels else None,
                          cfg.groups)
         missing = sorted(set(state.layers) - set(specs))
         if missing:
             raise ValueError(f"K-FAC layers {missing} of the state are not in the updates")
-        lam = jnp.asarray(H.resolve(damping, state.count), cfg.dtype)
+        lam = _damping_now(damping, state.count, extra_args.get("damping"), cfg.dtype)
         if kfac_stats is not None:
             state = _statistics_step(cfg, specs, state, updates, kfac_stats, lam,
                                      H.resolve(decay, state.count), invert_every, axis_name,
                                      (ns_iterations, ns_tolerance), strict)
         elif specs:
             _check_statistics_arrived(state, invert_every, strict)
-        new = S.precondition(updates, specs, state.factors, state.layers, lam, cfg.exact)
+        new = S.precondition(updates, specs, state.factors, state.layers, lam, cfg.exact,
+                             cfg.scale)
         return new, state._replace(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -287,6 +314,16 @@ def _init_state(cfg: _Config, params, strict: bool) -> KFACState:
               for p, s in specs.items()}
     return KFACState(count=jnp.zeros((), jnp.int32), last_inversion=-jnp.ones((), jnp.int32),
                      num_inversions=jnp.zeros((), jnp.int32), factors=factors, layers=layers)
+
+
+def _damping_now(damping, count, override, dtype) -> jax.Array:
+    """The damping of this call: the extra argument ``damping=`` when given
+    (checked like the configured value where it is concrete), else the
+    configured value or schedule at ``count``."""
+    if override is None:
+        return jnp.asarray(H.resolve(damping, count), dtype)
+    H.check_scalar("damping (extra argument of update)", override, low=0.0, schedule=False)
+    return jnp.asarray(override, dtype)
 
 
 def _concrete_ne(value, target) -> bool:
@@ -370,7 +407,8 @@ def _statistics_step(cfg: _Config, specs, state: KFACState, updates, kfac_stats,
             if cfg.ekfac:
                 layers = E.restart_diagonals(specs, layers, good)
             return factors, S.exact_flags(specs, factors, layers)
-        return factors, S.invert_layers(specs, factors, layers, lam, cfg.method, *ns)
+        return factors, S.invert_layers(specs, factors, layers, lam, cfg.method, *ns,
+                                        damping_scale=cfg.scale)
 
     last = state.last_inversion
     due = (last < 0) | (state.count - last >= invert_every)
