@@ -31,7 +31,11 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-OPTIMIZERS = ("adamw", "kfac", "sgd", "ef", "ief", "sf")
+#: Zeroth-order optimizers (kfac_jax_peft.zeroth_order): forward passes only
+#: (MeZO, MeZO-Adam, HiZOO) or LoHO's hybrids of zeroth- and first-order.
+ZEROTH_ORDER = ("mezo", "mezo-adam", "hizoo", "loho-sgd-inter", "loho-adam-inter",
+                "loho-adam-intra")
+OPTIMIZERS = ("adamw", "kfac", "sgd", "ef", "ief", "sf") + ZEROTH_ORDER
 #: Optimizers whose step needs per-sample gradients (kfac_jax_peft.fisher).
 PER_SAMPLE = ("ef", "ief", "sf")
 CLIP_MODES = ("post", "pre", "none")
@@ -45,6 +49,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "kfac-none": {"optimizer": "kfac", "clip": "none"},
     "kfac-pre": {"optimizer": "kfac", "clip": "pre"},
     "kfac-post": {"optimizer": "kfac", "clip": "post"},
+    # the zeroth-order arms (no clipping, as in their sources)
+    **{name: {"optimizer": name, "clip": "none"} for name in ZEROTH_ORDER},
 }
 
 #: Deprecated key -> its new name (read until the next release).
@@ -107,6 +113,25 @@ class TrainConfig:
     gradients; damping ``fisher_damping``, ``fisher_damping_scale``
     ``"absolute"`` or ``"relative"`` to the largest Gram diagonal); their
     step is deterministic (no dropout) and runs on one device.
+    Zeroth-order (:mod:`kfac_jax_peft.zeroth_order`; ``clip`` ``"pre"``
+    clips the gradient or its estimate, ``"none"``; one device; see the
+    README for the sources' settings): ``"mezo"`` (SPSA + SGD),
+    ``"mezo-adam"`` (SPSA + Adam), ``"hizoo"`` (SPSA along ``Sigma^{1/2} z``
+    + SGD, ``Sigma`` kept in the optimizer state; its moving-average constant
+    ``hizoo_smooth``, default ``1e-8`` as HiZOO's reference code),
+    ``"loho-sgd-inter"``, ``"loho-adam-inter"``, ``"loho-adam-intra"``
+    (LoHO: SGD or Adam with ``learning_rate`` on the first-order part, SGD on
+    the zeroth-order part). ``zo_eps``: the perturbation size (``1e-3``,
+    every setting of LoHO's tables); ``zo_lr``: the peak learning rate of the
+    zeroth-order part, the whole tree for MeZO and HiZOO (``1e-6``, LoHO-SGD's
+    on RoBERTa-large; LoHO-Adam uses ``1e-12``), on the same warm-up and decay
+    as ``learning_rate``; ``zo_directions``: the ``n`` of n-SPSA (1, as MeZO;
+    HiZOO takes one). LoHO's first-order part: inter-layer, the last
+    ``fo_layers`` encoder layers (unset: half of them, rounded down, as the
+    source's 12 of 24 on RoBERTa-large); intra-layer, a fraction
+    ``fo_ratio`` of every layer's parameters (0.5, the source's RoBERTa-large
+    setting). The classification head, in no layer, is first-order: the
+    backward pass goes through it on its way to any first-order layer.
     ``log_gamma``: at every log step, also log the gamma indicator of that
     step's direction relative to SGD's (< 1: closer to the natural gradient;
     K-FAC's curvature as it stands before the step) on the step's batch, and
@@ -156,6 +181,12 @@ class TrainConfig:
     fisher_damping: float = 1e-7
     fisher_damping_scale: str = "absolute"
     num_samples: int = 1
+    zo_eps: float = 1e-3
+    zo_lr: float = 1e-6
+    zo_directions: int = 1
+    fo_layers: int | None = None
+    fo_ratio: float = 0.5
+    hizoo_smooth: float = 1e-8
     log_gamma: bool = False
     steps: int = 1000
     eval_every: int = 200
@@ -276,6 +307,12 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "stats_every": (_at_least(1), "an integer >= 1, or unset (invert_every)"),
     "fisher_damping": (_positive, "a number > 0"),
     "num_samples": (_at_least(1), "an integer >= 1"),
+    "zo_eps": (_positive, "a number > 0"),
+    "zo_lr": (_positive, "a number > 0"),
+    "zo_directions": (_at_least(1), "an integer >= 1"),
+    "fo_layers": (_at_least(0), "an integer >= 0, or unset (half of the layers)"),
+    "fo_ratio": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
+    "hizoo_smooth": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "steps": (_at_least(1), "an integer >= 1"),
     "eval_every": (_at_least(1), "an integer >= 1"),
     "checkpoint_every": (_at_least(1), "an integer >= 1, or unset (eval_every)"),
@@ -348,9 +385,11 @@ def validate(cfg: TrainConfig) -> None:
       ``dropout``, ``decay``, ``warmup_ratio`` in [0, 1); counts >= 1;
     * the choices (task, peft, optimizer, clip, damping_mode,
       fisher_damping_scale);
-    * the rules across keys: AdamW takes no post-clipping; the per-sample
-      optimizers and ``log_gamma`` run on one device; a multi-device batch
-      splits evenly.
+    * the rules across keys: AdamW and the zeroth-order optimizers take no
+      post-clipping; the per-sample and zeroth-order optimizers and
+      ``log_gamma`` run on one device, and ``log_gamma`` not with a
+      zeroth-order optimizer; HiZOO takes one direction; a multi-device
+      batch splits evenly.
 
     Checks that need files (the model's position embeddings, the tokenizer,
     the LoRA targets against the model) come later, before anything is
@@ -385,6 +424,8 @@ def _validate_across(cfg: TrainConfig) -> None:
     if cfg.optimizer == "adamw" and cfg.clip == "post":
         raise ConfigError("clip", "must be 'pre' or 'none' with optimizer 'adamw', got 'post' "
                           "(post-clipping is K-FAC's Newton-step clipping)")
+    if cfg.optimizer in ZEROTH_ORDER:
+        _validate_zeroth_order(cfg)
     if cfg.devices > 1:
         if cfg.optimizer in PER_SAMPLE or cfg.log_gamma:
             raise ConfigError("devices", f"must be 1 with optimizer {cfg.optimizer!r} or "
@@ -395,6 +436,24 @@ def _validate_across(cfg: TrainConfig) -> None:
             if value % cfg.devices:
                 raise ConfigError(key, f"must be divisible by devices={cfg.devices}, "
                                   f"got {value}")
+
+
+def _validate_zeroth_order(cfg: TrainConfig) -> None:
+    """The rules of the zeroth-order optimizers (see :func:`validate`)."""
+    name = cfg.optimizer
+    if cfg.clip == "post":
+        raise ConfigError("clip", f"must be 'pre' or 'none' with optimizer {name!r}, got "
+                          "'post' (post-clipping is K-FAC's Newton-step clipping; a "
+                          "zeroth-order step has no preconditioned update to clip)")
+    if cfg.devices != 1:
+        raise ConfigError("devices", f"must be 1 with optimizer {name!r} (the zeroth-order "
+                          f"steps run on one device), got {cfg.devices}")
+    if cfg.log_gamma:
+        raise ConfigError("log_gamma", f"must be false with optimizer {name!r} (the gamma "
+                          "indicator is defined for first-order directions)")
+    if name == "hizoo" and cfg.zo_directions != 1:
+        raise ConfigError("zo_directions", f"must be 1 with optimizer 'hizoo' (HiZOO "
+                          f"estimates with one direction), got {cfg.zo_directions}")
 
 
 # --------------------------------------------------------------------------- reading

@@ -3,7 +3,9 @@
 Records have a ``"kind"``: ``"train"`` (``step``, ``loss``, ``lr``,
 ``clip_rate``, ``update_norm``, ``wall_clock``: seconds of training so far
 as a :class:`Stopwatch` counts them, compilation, evaluation, diagnostics
-and checkpointing excluded), ``"eval"`` (``step``, ``split``,
+and checkpointing excluded; the zeroth-order arms add ``zo_lr`` (LoHO) and
+HiZOO's ``sigma_min``, ``sigma_median``, ``sigma_max``, see
+:mod:`kfac_jax_peft.finetune.zeroth_order`), ``"eval"`` (``step``, ``split``,
 ``wall_clock`` and the task's metrics), ``"summary"``, and the loop's
 ``"start"``, ``"compile"``, ``"resume"`` and ``"error"`` records. Each line
 is flushed as written, so an interrupted run keeps everything it logged;

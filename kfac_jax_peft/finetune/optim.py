@@ -1,4 +1,5 @@
-"""The optimizer chain of a run (the paper's four arms, and SGD)."""
+"""The optimizer chain of a run (the paper's four arms, SGD, the exact
+Fisher family, and the zeroth-order arms)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import jax
 import optax
 
 from kfac_jax_peft.clipping import clipped
-from kfac_jax_peft.finetune.config import TrainConfig
+from kfac_jax_peft.finetune.config import ZEROTH_ORDER, TrainConfig
 from kfac_jax_peft.kfac.transform import kfac_precondition
 
 
@@ -33,6 +34,7 @@ def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None, input_gro
         adamw: [clip(max_norm)] -> adamw(schedule, weight_decay)
         sgd:   [clip(max_norm)] -> decay -> -schedule
         ef, ief, sf: like kfac, with the exact Woodbury preconditioner
+        mezo, mezo-adam, hizoo, loho-*: see finetune.zeroth_order
         kfac:  post: kfac_precondition -> clip(max_norm) -> decay -> -schedule
                pre:  clip(max_norm) -> kfac_precondition -> decay -> -schedule
                none: kfac_precondition -> decay -> -schedule
@@ -44,6 +46,10 @@ def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None, input_gro
     ``input_groups`` is passed to ``kfac_precondition`` when
     ``cfg.share_input_factors``.
     """
+    if cfg.optimizer in ZEROTH_ORDER:
+        from kfac_jax_peft.finetune.zeroth_order import zeroth_order_optimizer
+
+        return zeroth_order_optimizer(cfg)
     lr = learning_rate_schedule(cfg)
     wd = optax.add_decayed_weights(cfg.weight_decay, decay_mask) if cfg.weight_decay else None
     tail = ([wd] if wd is not None else []) + [optax.scale_by_learning_rate(lr)]

@@ -57,7 +57,8 @@ from kfac_jax_peft import curves
 from kfac_jax_peft import data as D
 from kfac_jax_peft.clipping import clip_stats
 from kfac_jax_peft.finetune import checkpoint as C
-from kfac_jax_peft.finetune.config import PER_SAMPLE, TrainConfig, check_inputs
+from kfac_jax_peft.finetune import zeroth_order as ZO
+from kfac_jax_peft.finetune.config import PER_SAMPLE, ZEROTH_ORDER, TrainConfig, check_inputs
 from kfac_jax_peft.finetune.devices import Placement, num_devices
 from kfac_jax_peft.finetune.logs import MetricsLog, Stopwatch
 from kfac_jax_peft.finetune.model import build_task_model
@@ -174,8 +175,10 @@ def _build(cfg: TrainConfig, data: Data, n: int) -> _Run:
     place = Placement(n)
     tx = build_optimizer(cfg, axis_name=place.axis_name, input_groups=model.input_groups)
     per_sample = cfg.optimizer if cfg.optimizer in PER_SAMPLE else None
+    zeroth_order = None if cfg.optimizer not in ZEROTH_ORDER else (
+        lambda loss: ZO.zeroth_order_value_and_grad(cfg, loss))
     steps = make_steps(model, tx, axis_name=place.axis_name, per_sample=per_sample,
-                       num_samples=cfg.num_samples)
+                       num_samples=cfg.num_samples, zeroth_order=zeroth_order)
     probes = variables.get("kfac")
     uses_stats = cfg.optimizer == "kfac" and probes is not None
     return _Run(
@@ -288,10 +291,16 @@ def _log_train(run: _Run, state: TrainState, window: list, diag: dict, done: int
     calls, clipped, norm = _clip_counts(run.place, state.opt_state)
     before = run.meta.get("clip_counts", (0, 0))
     rate = None if calls <= before[0] else (clipped - before[1]) / (calls - before[0])
-    lr = float(learning_rate_schedule(run.cfg)(done - 1))
+    rates = {"lr": float(learning_rate_schedule(run.cfg)(done - 1))}
+    if run.cfg.optimizer in ZEROTH_ORDER:  # their learning rates, and HiZOO's Sigma
+        rates = ZO.learning_rates(run.cfg, done - 1)
+        with run.clock.paused(state):
+            diag = {**ZO.sigma_spread(run.place.get(ZO.find_hizoo_state(state.opt_state))),
+                    **diag}
+    lr = rates["lr"]
     # checkpointed, so that a resumed run logs the clip rates of an uninterrupted one
     run.meta.update(last_loss=mean_loss, clip_counts=(calls, clipped))
-    run.log.write("train", step=done, loss=mean_loss, lr=lr, clip_rate=rate,
+    run.log.write("train", step=done, loss=mean_loss, **rates, clip_rate=rate,
                   update_norm=norm, wall_clock=wall, **diag)
     if run.bar is not None:
         run.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
