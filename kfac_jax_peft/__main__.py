@@ -11,10 +11,12 @@ Commands:
   (JSON or TOML) sets defaults that flags override; ``--resume`` continues
   from the run folder's checkpoint.
 * ``compare``: the same, for several arms (``adamw``, ``kfac-none``,
-  ``kfac-pre``, ``kfac-post``) and seeds; prints the comparison table. Run
+  ``kfac-pre``, ``kfac-post``, and the zeroth-order ``mezo``, ``mezo-adam``,
+  ``hizoo``, ``loho-sgd-inter``, ``loho-adam-inter``, ``loho-adam-intra``)
+  and seeds; prints the comparison table. Run
   again, it reads finished runs back and continues interrupted ones.
 * ``plot``: plot run folders (loss against step and wall-clock, validation
-  metric, clip rate).
+  metric, clip rate, HiZOO's Sigma).
 
 A user error (a bad flag or config value, a missing or malformed file) ends
 the command with one line naming the flag, key or file, and exit status 2;

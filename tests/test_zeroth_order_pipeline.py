@@ -33,6 +33,7 @@ from kfac_jax_peft.finetune import (  # noqa: E402
     train,
 )
 from kfac_jax_peft.finetune.config import ZEROTH_ORDER  # noqa: E402
+from kfac_jax_peft.finetune.plots import plot_runs, run_curves  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from tiny_checkpoint import make_rte_folder, make_tiny_bert  # noqa: E402
@@ -96,6 +97,11 @@ def test_arm_trains_and_resumes_bit_identically(folders, data, tmp_path, optimiz
     if optimizer == "hizoo":
         assert 0 < first["sigma_min"] <= first["sigma_median"] <= first["sigma_max"]
         assert first["sigma_min"] < first["sigma_max"]  # Sigma moved
+        # the plots draw its spread
+        curves = run_curves(str(tmp_path / "full"))
+        assert curves["sigma_median"] == [r["sigma_median"] for r in records[0]]
+        png = plot_runs([str(tmp_path / "full")], str(tmp_path / "sigma.png"))
+        assert pathlib.Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _initial(folders, tmp_path, optimizer):
@@ -131,10 +137,12 @@ def test_settings_that_make_no_sense_are_refused(changes, key, words):
 def test_cli_names_the_flag(capsys):
     from kfac_jax_peft.__main__ import main
 
-    assert main(["train", "--optimizer", "mezo", "--clip", "post", "--zo-eps", "1e-3",
-                 "--zo-lr", "1e-6", "--zo-directions", "2", "--fo-layers", "1",
-                 "--fo-ratio", "0.5"]) == 2
-    assert "--clip" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--optimizer", "mezo", "--clip", "post", "--zo-eps", "1e-3",
+              "--zo-lr", "1e-6", "--zo-directions", "2", "--fo-layers", "1",
+              "--fo-ratio", "0.5"])
+    assert exit_.value.code == 2
+    assert "--clip must be 'pre' or 'none' with optimizer 'mezo'" in capsys.readouterr().err
 
 
 def test_loho_partition_must_leave_a_zeroth_order_part(folders, data, tmp_path):
