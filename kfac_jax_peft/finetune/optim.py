@@ -1,4 +1,5 @@
-"""The optimizer chain of a run (the paper's four arms, SGD, the exact Fisher family).
+"""The optimizer chain of a run (the paper's four arms, SGD, the exact Fisher
+family, Sophia, and the zeroth-order arms).
 
 **Traced hyperparameters.** The values of :data:`TRACED`
 (``learning_rate``, ``max_norm``, ``weight_decay``, ``damping``, ``decay``,
@@ -13,7 +14,9 @@ numbers when the config is made, and by each transformation in ``init``,
 where they are still concrete.
 
 ``traced=False`` compiles them in as constants instead, as the pipeline
-did before; ``benchmarks/compile.py`` measures the difference.
+did before; ``benchmarks/compile.py`` measures the difference. The
+zeroth-order arms (:mod:`kfac_jax_peft.finetune.zeroth_order`) keep their
+hyperparameters as constants: their runs share no compilation.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from kfac_jax_peft.clipping import clipped
-from kfac_jax_peft.finetune.config import TRACED, TrainConfig
+from kfac_jax_peft.finetune.config import TRACED, ZEROTH_ORDER, TrainConfig
 from kfac_jax_peft.kfac.transform import kfac_precondition
 
 
@@ -59,6 +62,7 @@ def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None, input_gro
         sgd:   [clip(max_norm)] -> decay -> -schedule
         sophia: [clip(max_norm)] -> optax.contrib.sophia(schedule, weight_decay)
         ef, ief, sf: like kfac, with the exact Woodbury preconditioner
+        mezo, mezo-adam, hizoo, loho-*: see finetune.zeroth_order
         kfac:  post: kfac_precondition -> clip(max_norm) -> decay -> -schedule
                pre:  clip(max_norm) -> kfac_precondition -> decay -> -schedule
                none: kfac_precondition -> decay -> -schedule
@@ -76,6 +80,10 @@ def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None, input_gro
     :data:`TRACED` live in the state (see the module docstring); the weight
     decay is then always in the chain (a decay of 0 adds ``0 * params``).
     """
+    if cfg.optimizer in ZEROTH_ORDER:
+        from kfac_jax_peft.finetune.zeroth_order import zeroth_order_optimizer
+
+        return zeroth_order_optimizer(cfg)
     if cfg.optimizer == "adamw" and cfg.clip == "post":
         raise ValueError("optimizer='adamw' supports clip='pre' (gradient clipping) or "
                          "'none'; post-clipping is K-FAC's Newton-step clipping")

@@ -4,7 +4,9 @@
 against wall-clock seconds, the validation metric against step, and the
 clip rate (fraction of steps whose update was clipped, per logging window)
 against step: the panels of the paper's Fig. 4, 5 and 10; for Sophia runs,
-also the fraction of coordinates its per-coordinate clip cut.
+also the fraction of coordinates its per-coordinate clip cut; for HiZOO
+runs, the spread of ``Sigma`` (its median, between its minimum and maximum)
+against step.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ def plot_curves(curves: Mapping[str, Mapping[str, Sequence]], out: str, *,
                 title: str | None = None) -> str:
     """Plot curves given in memory: ``{label: {"step": [...], "loss": [...],
     optional "wall_clock", "clip_rate", "clip_fraction", "eval_step",
-    "eval_metric"}}``.
-    Panels without data are omitted. Returns ``out``."""
+    "eval_metric", "sigma_min", "sigma_median", "sigma_max"}}``. Panels
+    without data are omitted. Returns ``out``."""
     plt = _pyplot()
     panels = [("loss", "step", "training loss", "step")]
     if any("wall_clock" in c for c in curves.values()):
@@ -40,17 +42,21 @@ def plot_curves(curves: Mapping[str, Mapping[str, Sequence]], out: str, *,
         panels.append(("clip_rate", "step", "clip rate", "step"))
     if any(v is not None for c in curves.values() for v in c.get("clip_fraction", ())):
         panels.append(("clip_fraction", "step", "coordinates clipped (Sophia)", "step"))
+    if any(v is not None for c in curves.values() for v in c.get("sigma_median", ())):
+        panels.append(("sigma_median", "step", "HiZOO Sigma (min, median, max)", "step"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (ykey, xkey, ylabel, xlabel) in zip(axes[0], panels):
         for label, c in curves.items():
             points = [(x, y) for x, y in zip(c.get(xkey, ()), c.get(ykey, ())) if y is not None]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, label=label, marker="o" if ykey == "eval_metric" else None,
-                        markersize=3)
+                line, = ax.plot(xs, ys, label=label, markersize=3,
+                                marker="o" if ykey == "eval_metric" else None)
+                if ykey == "sigma_median":
+                    _sigma_band(ax, c, line.get_color())
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        if ykey == "loss":
+        if ykey in ("loss", "sigma_median"):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -61,6 +67,15 @@ def plot_curves(curves: Mapping[str, Mapping[str, Sequence]], out: str, *,
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _sigma_band(ax, c: Mapping[str, Sequence], color) -> None:
+    """Shade between HiZOO's smallest and largest ``Sigma`` entries."""
+    band = [(x, lo, hi) for x, lo, hi in zip(c["step"], c.get("sigma_min", ()),
+                                              c.get("sigma_max", ())) if lo is not None]
+    if band:
+        xs, los, his = zip(*band)
+        ax.fill_between(xs, los, his, color=color, alpha=0.2)
 
 
 def run_curves(run_dir: str) -> dict[str, list]:
@@ -74,6 +89,7 @@ def run_curves(run_dir: str) -> dict[str, list]:
         "wall_clock": [r["wall_clock"] for r in train],
         "clip_rate": [r.get("clip_rate") for r in train],
         "clip_fraction": [r.get("clip_fraction") for r in train],
+        **{k: [r.get(k) for r in train] for k in ("sigma_min", "sigma_median", "sigma_max")},
         "eval_step": [r["step"] for r in evals],
         "eval_metric": [r["main"] for r in evals],
     }

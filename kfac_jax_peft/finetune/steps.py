@@ -13,7 +13,12 @@ whatever the optimizer; what differs between optimizers is which of the
   loss as a function of the trainable parameters (same batch, same dropout
   key), for its Hessian-vector products;
 * ``"sample"``: the exact Fisher-family updates (EF, iEF, SF) fed with
-  per-sample gradients; deterministic (no dropout), one device.
+  per-sample gradients; deterministic (no dropout), one device;
+* ``"zo"``: the zeroth-order arms (:mod:`kfac_jax_peft.finetune.zeroth_order`):
+  forward passes only (MeZO, HiZOO), or forward passes and one backward pass
+  limited to the first-order leaves (LoHO); one device. Its directions are
+  drawn from a key split off the step's key, so they too depend only on the
+  seed and the step number.
 
 ``eval_step(trainable, fixed, batch)`` returns predictions, and
 ``diagnose(state, fixed, batch)`` the gamma indicator and gradient-norm
@@ -38,7 +43,7 @@ import jax.numpy as jnp
 import optax
 
 from kfac_jax_peft.capture import kfac_value_and_grad
-from kfac_jax_peft.finetune.config import PER_SAMPLE, TrainConfig
+from kfac_jax_peft.finetune.config import PER_SAMPLE, ZEROTH_ORDER, TrainConfig
 from kfac_jax_peft.finetune.model import TaskModel
 from kfac_jax_peft.peft import merge_trainable
 
@@ -82,6 +87,8 @@ def step_kinds(cfg: TrainConfig, uses_stats: bool) -> tuple[str, ...]:
     """The kinds of training step a run of ``cfg`` uses."""
     if cfg.optimizer in PER_SAMPLE:
         return ("sample",)
+    if cfg.optimizer in ZEROTH_ORDER:
+        return ("zo",)
     return ("plain", "stats") if uses_stats else ("plain",)
 
 
@@ -90,6 +97,8 @@ def step_kind(cfg: TrainConfig, step: int, uses_stats: bool) -> str:
     choice, so that each kind is its own compiled trace."""
     if cfg.optimizer in PER_SAMPLE:
         return "sample"
+    if cfg.optimizer in ZEROTH_ORDER:
+        return "zo"
     return "stats" if uses_stats and step % cfg.stats_every == 0 else "plain"
 
 
@@ -103,7 +112,8 @@ def all_finite(tree) -> jax.Array:
 def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
                axis_name: str | None = None, per_sample: str | None = None,
                num_samples: int = 1, objective: bool = False,
-               prepare_probes: Callable | None = None, adaptive: bool = False) -> Steps:
+               prepare_probes: Callable | None = None, adaptive: bool = False,
+               zeroth_order: Callable | None = None) -> Steps:
     """The step functions of a run, un-jitted. ``per_sample`` (``"ef" |
     "ief" | "sf"``) adds the ``"sample"`` kind; ``num_samples`` is SF's
     number of sampled labels per example; ``objective``: pass ``obj_fn``
@@ -111,7 +121,12 @@ def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
     opt_state) -> probes`` runs before a statistics step's capture (EKFAC's
     :func:`~kfac_jax_peft.ekfac_probes`). ``adaptive``: the chain takes the
     extra arguments of :mod:`kfac_jax_peft.adaptive` (see
-    :func:`adaptive_args`)."""
+    :func:`adaptive_args`). ``zeroth_order`` makes the ``"zo"`` kind the
+    only one: a function of ``loss(trainable, frozen, batch, rng)``
+    returning the gradient source ``(trainable, opt_state, frozen, batch,
+    rng, key) -> (loss, grads, extra)``
+    (:func:`kfac_jax_peft.finetune.zeroth_order.zeroth_order_value_and_grad`
+    with its config bound); ``extra`` goes to the chain's ``update``."""
     def loss_fn(trainable, frozen, probes, batch, rng):
         logits = model.logits(merge_trainable(trainable, frozen), probes, batch, rng)
         return model.loss(logits, batch)
@@ -165,6 +180,8 @@ def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
     train = {"stats": stats_step, "plain": plain_step}
     if per_sample:
         train = {"sample": sample_step}
+    if zeroth_order is not None:
+        train = {"zo": _zo_step(zeroth_order, loss_fn, apply, step_rng)}
     diagnose = _make_diagnose(model, tx, per_sample, per_sample_fn,
                               loss_fn if objective else None)
     return Steps(train, eval_step, diagnose)
@@ -199,6 +216,22 @@ def adaptive_args(model: TaskModel, trainable, frozen, batch, value_fn: Callable
                                             loss_fn=batch_loss)(v)
 
     return dict(value_fn=value_fn, fvp_fn=fvp_fn)
+
+
+def _zo_step(zeroth_order: Callable, loss_fn: Callable, apply: Callable,
+             step_rng: Callable) -> Callable:
+    """The ``"zo"`` step: the dropout key and the directions' key are split
+    from the step's key; every forward pass of the step uses the same
+    dropout key."""
+    source = zeroth_order(lambda tr, frozen, batch, rng: loss_fn(tr, frozen, None, batch, rng))
+
+    def zo_step(state, fixed, batch):
+        dropout_rng, key = jax.random.split(step_rng(state))
+        loss, grads, extra = source(state.trainable, state.opt_state, fixed.frozen, batch,
+                                    dropout_rng, key)
+        return apply(state, loss, grads, **extra)
+
+    return zo_step
 
 
 def _step_rng(state: TrainState, axis_name: str | None) -> jax.Array:

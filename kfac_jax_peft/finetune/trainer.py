@@ -68,10 +68,12 @@ from kfac_jax_peft import curves
 from kfac_jax_peft import data as D
 from kfac_jax_peft.clipping import clip_stats
 from kfac_jax_peft.finetune import checkpoint as C
+from kfac_jax_peft.finetune import zeroth_order as ZO
 from kfac_jax_peft.finetune.config import (
     PER_SAMPLE,
     TAKES_OBJECTIVE,
     TRACED,
+    ZEROTH_ORDER,
     TrainConfig,
     check_inputs,
 )
@@ -229,6 +231,7 @@ def _build(cfg: TrainConfig, data: Data, n: int, traced: bool = True) -> _Run:
     previous run when its :func:`compile_signature` is the same)."""
     model, variables = build_task_model(cfg, data.spec)
     trainable, frozen = split_trainable(variables["params"])
+    traced = traced and cfg.optimizer not in ZEROTH_ORDER  # their chains keep constants
     key = compile_signature(cfg, n) if traced else None
     compiled = _COMPILED.get(key) if key is not None else None
     place = compiled.place if compiled is not None else Placement(n)
@@ -364,10 +367,16 @@ def _log_train(run: _Run, state: TrainState, window: list, diag: dict, done: int
     calls, clipped, norm = _clip_counts(run.place, state.opt_state)
     before = run.meta.get("clip_counts", (0, 0))
     rate = None if calls <= before[0] else (clipped - before[1]) / (calls - before[0])
-    lr = float(learning_rate_schedule(run.cfg)(done - 1))
+    rates = {"lr": float(learning_rate_schedule(run.cfg)(done - 1))}
+    if run.cfg.optimizer in ZEROTH_ORDER:  # their learning rates, and HiZOO's Sigma
+        rates = ZO.learning_rates(run.cfg, done - 1)
+        with run.clock.paused(state):
+            diag = {**ZO.sigma_spread(run.place.get(ZO.find_hizoo_state(state.opt_state))),
+                    **diag}
+    lr = rates["lr"]
     # checkpointed, so that a resumed run logs the clip rates of an uninterrupted one
     run.meta.update(last_loss=mean_loss, clip_counts=(calls, clipped))
-    run.log.write("train", step=done, loss=mean_loss, lr=lr, clip_rate=rate,
+    run.log.write("train", step=done, loss=mean_loss, **rates, clip_rate=rate,
                   update_norm=norm, wall_clock=wall, **_clip_fraction(run.place, state),
                   **_adaptive_record(run.place, state), **diag)
     if run.bar is not None:  # the losses are on the host: the steps are done
