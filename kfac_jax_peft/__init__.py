@@ -14,6 +14,9 @@ The public API:
   registered layers and what they received), :func:`clip_stats`;
 * :func:`multi_steps`: ``optax.MultiSteps`` that sums the micro-batches'
   K-FAC statistics;
+* on a device mesh: :func:`kfac_state_shardings` (factor state split over
+  a mesh axis; ``kfac_precondition(distribute_inversions=True)`` spreads
+  the inversions);
 * the paper's optimizer: :func:`kfac`;
 * :class:`KFACTrainState`: Flax's ``TrainState`` whose ``apply_gradients``
   takes ``kfac_stats``.
@@ -47,6 +50,7 @@ from kfac_jax_peft.kfac import (
     describe,
     kfac_precondition,
     kfac_state,
+    kfac_state_shardings,
     multi_steps,
 )
 from kfac_jax_peft.kfac.layers import captured_layers
@@ -80,6 +84,7 @@ __all__ = [
     "kfac",
     "kfac_precondition",
     "kfac_state",
+    "kfac_state_shardings",
     "multi_steps",
     "nnx_value_and_grad",
     "kfac_value_and_grad",
