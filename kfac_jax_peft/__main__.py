@@ -72,6 +72,8 @@ def _flag(key: str) -> str:
 
 #: compare()'s arguments that are flags of the compare command
 _COMPARE_FLAGS = ("arms", "seeds", "reference", "arm_overrides")
+#: The flags of a multi-process job (``train``; not configuration keys).
+_JOB_FLAGS = ("coordinator_address", "num_processes", "process_id")
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -136,7 +138,7 @@ def _where(key: str, args) -> str:
 
     if key in getattr(args, "file_keys", ()):
         return f"{key} in {args.config}"
-    if key in FIELDS or key in _COMPARE_FLAGS or key == "config":
+    if key in FIELDS or key in _COMPARE_FLAGS or key in _JOB_FLAGS or key == "config":
         return _flag(key)
     return key
 
@@ -151,12 +153,17 @@ def _cache(args) -> None:
 def _train(args) -> int:
     from kfac_jax_peft.finetune import train
     from kfac_jax_peft.finetune.config import check_inputs
+    from kfac_jax_peft.finetune.devices import initialize_distributed
 
     cfg = _config(args)
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     check_inputs(cfg, resume=args.resume)
     _cache(args)
     result = train(cfg, resume=args.resume)
-    print(json.dumps(result.to_dict(), indent=1))
+    import jax
+
+    if jax.process_index() == 0:  # one summary for a multi-process job
+        print(json.dumps(result.to_dict(), indent=1))
     return 0
 
 
@@ -222,6 +229,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_flags(t)
     t.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint in --output-dir")
+    # one job over several processes (jax.distributed.initialize); where a
+    # run executes, not what it is, so not keys of the run's configuration
+    t.add_argument("--coordinator-address", default=None,
+                   help="host:port of process 0 of a multi-process job (default: "
+                        "$JAX_COORDINATOR_ADDRESS; none: one process)")
+    t.add_argument("--num-processes", type=int, default=None,
+                   help="processes in the job (default: $JAX_NUM_PROCESSES)")
+    t.add_argument("--process-id", type=int, default=None,
+                   help="this process, 0 .. num-processes - 1 (default: $JAX_PROCESS_ID)")
     t.set_defaults(func=_train)
 
     c = sub.add_parser("compare", help="several arms and seeds; prints the table (run again "

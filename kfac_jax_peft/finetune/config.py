@@ -116,7 +116,14 @@ class TrainConfig:
     best validation checkpoint is evaluated on test at the end.
     ``checkpoint_every`` steps (default ``eval_every``) write a resumable
     checkpoint. ``log_every`` steps write a training record. ``devices``:
-    how many local devices to train on data-parallel (0 = all).
+    how many local devices (of each process, in a multi-process job) to
+    train on data-parallel (0 = all): ``jax.jit`` over a device mesh, the
+    batch split by rows (:mod:`kfac_jax_peft.finetune.devices`).
+    ``distribute_inversions`` (K-FAC): each device decomposes about ``1/N``
+    of the Kronecker factors and the results are gathered, instead of every
+    device repeating every inversion (the same update).
+    ``shard_factors`` (K-FAC): keep the factor matrices split by rows over
+    the devices (``1/N`` of their memory on each) instead of replicated.
     ``precompile``: compile every step kind for every padded length before
     the clock starts, so that the logged wall-clock is training time and
     not compilation time.
@@ -163,6 +170,8 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     devices: int = 1
+    distribute_inversions: bool = False
+    shard_factors: bool = False
     progress: bool = True
     precompile: bool = True
 
@@ -350,7 +359,8 @@ def validate(cfg: TrainConfig) -> None:
       fisher_damping_scale);
     * the rules across keys: AdamW takes no post-clipping; the per-sample
       optimizers and ``log_gamma`` run on one device; a multi-device batch
-      splits evenly.
+      splits evenly; ``distribute_inversions`` and ``shard_factors`` are
+      K-FAC's.
 
     Checks that need files (the model's position embeddings, the tokenizer,
     the LoRA targets against the model) come later, before anything is
@@ -385,6 +395,10 @@ def _validate_across(cfg: TrainConfig) -> None:
     if cfg.optimizer == "adamw" and cfg.clip == "post":
         raise ConfigError("clip", "must be 'pre' or 'none' with optimizer 'adamw', got 'post' "
                           "(post-clipping is K-FAC's Newton-step clipping)")
+    for key in ("distribute_inversions", "shard_factors"):
+        if getattr(cfg, key) and cfg.optimizer != "kfac":
+            raise ConfigError(key, f"must be False with optimizer {cfg.optimizer!r} (it "
+                              "applies to K-FAC only), got True")
     if cfg.devices > 1:
         if cfg.optimizer in PER_SAMPLE or cfg.log_gamma:
             raise ConfigError("devices", f"must be 1 with optimizer {cfg.optimizer!r} or "

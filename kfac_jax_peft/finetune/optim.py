@@ -26,7 +26,7 @@ def decay_mask(params):
     return jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
 
 
-def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None, input_groups=None
+def build_optimizer(cfg: TrainConfig, *, input_groups=None
                     ) -> optax.GradientTransformationExtraArgs:
     """The chain of ``cfg.optimizer`` with ``cfg.clip``::
 
@@ -40,9 +40,10 @@ def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None, input_gro
     The clip is placed by :func:`kfac_jax_peft.clipping.clipped` (its state
     records the clip rate). For SGD, ``"post"`` and ``"pre"`` both clip the
     gradient (there is no preconditioner); ``"post"`` is refused for AdamW.
-    ``axis_name`` is the data-parallel axis of a pmapped step;
     ``input_groups`` is passed to ``kfac_precondition`` when
-    ``cfg.share_input_factors``.
+    ``cfg.share_input_factors``. The chain reduces nothing over devices: the
+    loop runs it under ``jax.jit`` over a device mesh, where the batch sums
+    are global (:mod:`kfac_jax_peft.finetune.devices`).
     """
     lr = learning_rate_schedule(cfg)
     wd = optax.add_decayed_weights(cfg.weight_decay, decay_mask) if cfg.weight_decay else None
@@ -55,11 +56,11 @@ def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None, input_gro
                            optax.adamw(lr, weight_decay=cfg.weight_decay, mask=decay_mask))
     if cfg.optimizer == "sgd":
         return optax.chain(clipped(optax.identity(), cfg.clip, cfg.max_norm), *tail)
-    return optax.chain(clipped(_preconditioner(cfg, axis_name, input_groups), cfg.clip,
+    return optax.chain(clipped(_preconditioner(cfg, input_groups), cfg.clip,
                                cfg.max_norm), *tail)
 
 
-def _preconditioner(cfg: TrainConfig, axis_name, input_groups):
+def _preconditioner(cfg: TrainConfig, input_groups):
     """``kfac_precondition`` or the exact Woodbury preconditioner of the Fisher family."""
     if cfg.optimizer in ("ef", "ief", "sf"):
         from kfac_jax_peft import fisher
@@ -68,5 +69,6 @@ def _preconditioner(cfg: TrainConfig, axis_name, input_groups):
                 "sf": fisher.sampled_fisher_precondition}[cfg.optimizer]
         return make(cfg.fisher_damping, damping_scale=cfg.fisher_damping_scale)
     return kfac_precondition(cfg.damping, decay=cfg.decay, invert_every=cfg.invert_every,
-                             damping_mode=cfg.damping_mode, axis_name=axis_name,
+                             damping_mode=cfg.damping_mode,
+                             distribute_inversions=cfg.distribute_inversions,
                              input_groups=input_groups if cfg.share_input_factors else None)

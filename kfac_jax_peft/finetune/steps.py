@@ -18,11 +18,12 @@ imbalance of the direction the chain would take (nothing is updated).
 
 Determinism: the dropout key of a step is ``fold_in(state.rng,
 state.step)``, with ``state.rng = PRNGKey(seed)`` for the whole run, so it
-depends only on the seed and the step number. With ``axis_name`` (a
-``pmap`` axis) each device folds in its index too (different dropout masks
-on different shards), the loss and gradients are averaged over the axis and
-the K-FAC transformation sums its statistics over it, so the update equals
-the one-device update on the global batch.
+depends only on the seed and the step number. The steps are written for the
+global batch and reduce nothing over devices: under ``jax.jit`` over a
+device mesh with the batch split by rows
+(:mod:`kfac_jax_peft.finetune.devices`) XLA makes every sum global, and the
+dropout masks are drawn for the global batch from the one key, so the same
+seed gives the same run on 1 and on N devices.
 """
 
 from __future__ import annotations
@@ -98,8 +99,7 @@ def all_finite(tree) -> jax.Array:
 
 
 def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
-               axis_name: str | None = None, per_sample: str | None = None,
-               num_samples: int = 1) -> Steps:
+               per_sample: str | None = None, num_samples: int = 1) -> Steps:
     """The step functions of a run, un-jitted. ``per_sample`` (``"ef" |
     "ief" | "sf"``) adds the ``"sample"`` kind; ``num_samples`` is SF's
     number of sampled labels per example."""
@@ -111,12 +111,7 @@ def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
         lambda tr, probes, frozen, batch, rng: loss_fn(tr, frozen, probes, batch, rng))
     per_sample_fn = _per_sample_fn(model, num_samples)
 
-    def step_rng(state):
-        return _step_rng(state, axis_name)
-
     def apply(state, loss, grads, **extra):
-        if axis_name is not None:
-            loss, grads = jax.lax.pmean((loss, grads), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable, **extra)
         trainable = optax.apply_updates(state.trainable, updates)
         return state._replace(step=state.step + 1, trainable=trainable,
@@ -124,17 +119,17 @@ def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
 
     def stats_step(state, fixed, batch):
         loss, grads, stats = grad_stats(state.trainable, fixed.probes, fixed.frozen, batch,
-                                        step_rng(state))
+                                        _step_rng(state))
         return apply(state, loss, grads, kfac_stats=stats)
 
     def plain_step(state, fixed, batch):
         loss, grads = jax.value_and_grad(loss_fn)(state.trainable, fixed.frozen, None, batch,
-                                                  step_rng(state))
+                                                  _step_rng(state))
         return apply(state, loss, grads)
 
     def sample_step(state, fixed, batch):
         loss, grads, extras = per_sample_fn(per_sample)(state.trainable, fixed.frozen, batch,
-                                                        rng=step_rng(state))
+                                                        rng=_step_rng(state))
         return apply(state, loss, grads, **extras)
 
     def eval_step(trainable, fixed, batch):
@@ -147,11 +142,9 @@ def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
     return Steps(train, eval_step, _make_diagnose(model, tx, per_sample, per_sample_fn))
 
 
-def _step_rng(state: TrainState, axis_name: str | None) -> jax.Array:
-    rng = jax.random.fold_in(state.rng, state.step)
-    if axis_name is None:
-        return rng
-    return jax.random.fold_in(rng, jax.lax.axis_index(axis_name))  # masks differ per shard
+def _step_rng(state: TrainState) -> jax.Array:
+    """The dropout key of the step: the run's key with the step number folded in."""
+    return jax.random.fold_in(state.rng, state.step)
 
 
 def _make_diagnose(model: TaskModel, tx: optax.GradientTransformation,
@@ -167,7 +160,7 @@ def _make_diagnose(model: TaskModel, tx: optax.GradientTransformation,
         args = (state.trainable, fixed.frozen, batch)
         _, grads, extras = per_sample_fn("ief" if per_sample == "ief" else "ef")(*args)
         if per_sample == "sf":
-            step_extras = per_sample_fn("sf")(*args, rng=_step_rng(state, None))[2]
+            step_extras = per_sample_fn("sf")(*args, rng=_step_rng(state))[2]
         else:
             step_extras = extras if per_sample else {}
         direction, _ = tx.update(grads, state.opt_state, state.trainable, **step_extras)
