@@ -16,7 +16,7 @@ devices, parameters and optimizer state replicated, and timed (median over
 each with ``distribute_inversions`` off (every device decomposes every
 factor) and on (each device about ``1/n`` of them, then gathered). The
 ratios printed are spread / replicated at the same ``n``, and each time
-relative to one device.
+relative to one device (the first count of ``--devices``).
 
 On CPU without ``XLA_FLAGS`` the script simulates 4 devices
 (``--xla_force_host_platform_device_count=4``). Simulated CPU devices share
@@ -124,17 +124,17 @@ def main(argv=None):
           f"{cfg.layers} layers, hidden {cfg.hidden}, LoRA rank {cfg.rank}, global batch "
           f"{batch_size} x {cfg.max_len}; {len(sizes)} factors of sizes "
           f"{sorted(set(sizes))}; exact damping (eigh); median of {args.reps}, ms")
-    results = {(n, s): measure(n, s, cfg, frozen, variables["kfac"], trainable, batch,
-                               args.reps) for n in counts for s in (False, True)}
     print(f"{'devices':>7s} {'what':12s} {'replicated':>10s} {'spread':>8s} "
-          f"{'spread/rep':>10s} {'rep/1 dev':>9s} {'spread/1 dev':>12s}")
-    base = results[(counts[0], False)]
-    for n in counts:
+          f"{'spread/rep':>10s} {'rep/1 dev':>9s} {'spread/1 dev':>12s}", flush=True)
+    base = None
+    for n in counts:  # a row as soon as it is measured
+        rep, spr = (measure(n, s, cfg, frozen, variables["kfac"], trainable, batch, args.reps)
+                    for s in (False, True))
+        base = base or rep
         for what in ("invert step", "plain step", "inversion"):
-            r, s = results[(n, False)][what], results[(n, True)][what]
+            r, s = rep[what], spr[what]
             print(f"{n:7d} {what:12s} {1e3 * r:10.2f} {1e3 * s:8.2f} {s / r:10.2f} "
-                  f"{r / base[what]:9.2f} {s / base[what]:12.2f}")
-
+                  f"{r / base[what]:9.2f} {s / base[what]:12.2f}", flush=True)
 
 if __name__ == "__main__":
     main()
