@@ -33,16 +33,17 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
-def mesh_axes(option: str = "distribute_inversions") -> tuple[str, ...]:
-    """The axes of the mesh the current trace runs under (``jax.set_mesh``);
-    a ``ValueError`` naming ``option`` if there is none."""
+def mesh_axes(option: str = "distribute_inversions") -> tuple[str, ...] | None:
+    """The axes of the mesh the current trace runs under (``jax.set_mesh``),
+    or None on a mesh of one device (nothing to spread: the stacking would
+    only cost copies); a ``ValueError`` naming ``option`` if there is none."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         raise ValueError(f"{option}=True spreads inversions over the devices of a mesh, but "
                          "the step is traced without one: jit the step inside "
                          "`with jax.set_mesh(mesh):` (jit over a device mesh; under pmap "
                          "leave it False)")
-    return tuple(mesh.axis_names)
+    return tuple(mesh.axis_names) if mesh.size > 1 else None
 
 
 def map_spread(fn: Callable, mats: Sequence[jnp.ndarray], over_batch: Callable,
