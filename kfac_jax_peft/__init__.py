@@ -20,6 +20,9 @@ The public API:
   K-FAC statistics;
 * :func:`nys_newton_cg`: NysNewton-CG (Nystrom-preconditioned damped
   Newton-CG with an Armijo line search; the loss is an extra argument);
+* on a device mesh: :func:`kfac_state_shardings` (factor state split over
+  a mesh axis; ``kfac_precondition(distribute_inversions=True)`` spreads
+  the inversions);
 * the paper's optimizer: :func:`kfac`;
 * :class:`KFACTrainState`: Flax's ``TrainState`` whose ``apply_gradients``
   takes ``kfac_stats``.
@@ -56,6 +59,7 @@ from kfac_jax_peft.kfac import (
     ekfac_probes,
     kfac_precondition,
     kfac_state,
+    kfac_state_shardings,
     multi_steps,
 )
 from kfac_jax_peft.kfac.layers import captured_layers
@@ -93,6 +97,7 @@ __all__ = [
     "kfac",
     "kfac_precondition",
     "kfac_state",
+    "kfac_state_shardings",
     "multi_steps",
     "nnx_value_and_grad",
     "nys_newton_cg",

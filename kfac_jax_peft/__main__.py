@@ -82,6 +82,8 @@ def _flag(key: str) -> str:
 
 #: compare()'s arguments that are flags of the compare command
 _COMPARE_FLAGS = ("arms", "seeds", "reference", "arm_overrides")
+#: The flags of a multi-process job (``train``; not configuration keys).
+_JOB_FLAGS = ("coordinator_address", "num_processes", "process_id")
 
 
 def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -159,7 +161,7 @@ def _where(key: str, args) -> str:
 
     if key in getattr(args, "file_keys", ()):
         return f"{key} in {args.config}"
-    if key in FIELDS or key in _COMPARE_FLAGS or key == "config":
+    if key in FIELDS or key in _COMPARE_FLAGS or key in _JOB_FLAGS or key == "config":
         return _flag(key)
     return key
 
@@ -176,8 +178,10 @@ def _cache_dir(args, parent: str) -> str | None:
 def _train(args) -> int:
     from kfac_jax_peft.finetune import train
     from kfac_jax_peft.finetune.config import check_inputs
+    from kfac_jax_peft.finetune.devices import initialize_distributed
 
     cfg = _config(args)
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     check_inputs(cfg, resume=args.resume)
     cache = _cache_dir(args, os.path.dirname(os.path.abspath(cfg.output_dir)))
     if cache:
@@ -185,10 +189,13 @@ def _train(args) -> int:
 
         enable_compilation_cache(cache)
     result = train(cfg, resume=args.resume)
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=1))
-    else:
-        print(summary(result))
+    import jax
+
+    if jax.process_index() == 0:  # one summary for a multi-process job
+        if args.json:
+            print(json.dumps(result.to_dict(), indent=1))
+        else:
+            print(summary(result))
     return 0
 
 
@@ -314,6 +321,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue the run in --output-dir from its last checkpoint.")
     t.add_argument("--json", action="store_true",
                    help="print the result as JSON instead of a summary.")
+    # one job over several processes (jax.distributed.initialize); where a
+    # run executes, not what it is, so not keys of the run's configuration
+    t.add_argument("--coordinator-address", default=None,
+                   help="host:port of process 0 of a multi-process job. Default: "
+                        "$JAX_COORDINATOR_ADDRESS; none: one process.")
+    t.add_argument("--num-processes", type=int, default=None,
+                   help="processes in the job. Default: $JAX_NUM_PROCESSES.")
+    t.add_argument("--process-id", type=int, default=None,
+                   help="this process, 0 .. num-processes - 1. Default: $JAX_PROCESS_ID.")
     _add_config_flags(t)
     t.set_defaults(func=_train)
 

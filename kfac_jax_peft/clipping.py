@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from kfac_jax_peft import _hyper as H
@@ -44,7 +45,9 @@ class ClipState(NamedTuple):
     norm: jax.Array
     clipped: jax.Array
     num_clipped: jax.Array
-    num_skipped: jax.Array = jnp.zeros((), jnp.int32)
+    # a numpy default: a jax array made at import would start JAX's backend,
+    # after which a multi-process job can no longer call jax.distributed.initialize
+    num_skipped: jax.Array = np.zeros((), np.int32)
 
 
 def _init(params) -> ClipState:

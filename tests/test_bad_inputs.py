@@ -123,6 +123,10 @@ API_CASES = [
     ({"log_gamma": True, "devices": 2}, "devices", False),
     ({"devices": 2, "batch_size": 15}, "batch_size", False),
     ({"devices": 2, "eval_batch_size": 9}, "eval_batch_size", False),
+    ({"optimizer": "adamw", "clip": "pre", "distribute_inversions": True},
+     "distribute_inversions", False),
+    ({"optimizer": "sgd", "shard_factors": True}, "shard_factors", False),
+    ({"shard_factors": "yes"}, "shard_factors", True),
 ]
 
 
@@ -236,6 +240,12 @@ CLI_CASES = [
     (["compare", "--arm-overrides", '["adamw"]'], "--arm-overrides"),
     (["compare", "--arms"], "--arms"),
     (["plot", "a", "b", "--labels", "x"], "'a'"),  # no such run folders
+    # a multi-process job: the three settings go together
+    (["train", "--num-processes", "2"], "--coordinator-address"),
+    (["train", "--coordinator-address", "127.0.0.1:1", "--num-processes", "2"],
+     "--process-id"),
+    (["train", "--coordinator-address", "127.0.0.1:1", "--num-processes", "2",
+      "--process-id", "2"], "--process-id"),
 ]
 
 

@@ -1,7 +1,9 @@
 """GLUE/SuperGLUE fine-tuning: configuration, optimizer arms, the training
-loop, logs and plots."""
+loop (on a device mesh; :func:`initialize_distributed` for a job over
+several processes), logs and plots."""
 
 from kfac_jax_peft.finetune.config import ARMS, TrainConfig, from_mapping, load_config
+from kfac_jax_peft.finetune.devices import initialize_distributed
 from kfac_jax_peft.finetune.logs import MetricsLog, read_log
 from kfac_jax_peft.finetune.optim import build_optimizer, learning_rate_schedule
 from kfac_jax_peft.finetune.steps import Fixed, TrainState, make_steps
@@ -27,6 +29,7 @@ __all__ = [
     "enable_compilation_cache",
     "evaluate",
     "from_mapping",
+    "initialize_distributed",
     "learning_rate_schedule",
     "load_config",
     "load_data",

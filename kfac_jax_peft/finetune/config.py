@@ -217,7 +217,14 @@ class TrainConfig:
         log_every: write a training record every this many steps.
         seed: the seed of the PEFT and head initialisation, the batch order
             and dropout.
-        devices: local devices to train on, data-parallel (0: all).
+        devices: local devices (of each process, in a multi-process job) to
+            train on, data-parallel (0: all): jax.jit over a device mesh, the
+            batch split by rows.
+        distribute_inversions: K-FAC: each device decomposes about 1/N of
+            the Kronecker factors and the results are gathered, instead of
+            every device repeating every inversion (the same update).
+        shard_factors: K-FAC: keep the factor matrices split by rows over
+            the devices (1/N of their memory on each) instead of replicated.
         progress: show the progress bar and the compilation count-down.
         precompile: compile every step kind for every padded length before
             the clock starts, so that the logged wall-clock is training time.
@@ -277,6 +284,8 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     devices: int = 1
+    distribute_inversions: bool = False
+    shard_factors: bool = False
     progress: bool = True
     precompile: bool = True
 
@@ -480,7 +489,8 @@ def validate(cfg: TrainConfig) -> None:
       invert_every``; the per-sample and zeroth-order optimizers, the
       adaptive options and ``log_gamma`` run on one device, and
       ``log_gamma`` not with a zeroth-order optimizer; HiZOO takes one
-      direction; a multi-device batch splits evenly.
+      direction; a multi-device batch splits evenly; ``distribute_inversions``
+      and ``shard_factors`` are K-FAC's.
 
     Checks that need files (the model's position embeddings, the tokenizer,
     the LoRA targets against the model) come later, before anything is
@@ -536,6 +546,10 @@ def _validate_across(cfg: TrainConfig) -> None:
                           f"got {cfg.damping_scale!r}")
     if cfg.optimizer in ZEROTH_ORDER:
         _validate_zeroth_order(cfg)
+    for key in ("distribute_inversions", "shard_factors"):
+        if getattr(cfg, key) and cfg.optimizer != "kfac":
+            raise ConfigError(key, f"must be False with optimizer {cfg.optimizer!r} (it "
+                              "applies to K-FAC only), got True")
     if cfg.devices > 1:
         if cfg.optimizer in PER_SAMPLE or cfg.log_gamma:
             raise ConfigError("devices", f"must be 1 with optimizer {cfg.optimizer!r} or "

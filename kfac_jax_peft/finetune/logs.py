@@ -77,6 +77,17 @@ class MetricsLog:
             self._tb.close()
 
 
+class NullLog:
+    """The metrics log of every process but process 0 of a multi-process job:
+    the same calls, nothing written (process 0 writes the run's log)."""
+
+    def write(self, kind: str, **record: Any) -> None:
+        del kind, record
+
+    def close(self) -> None:
+        pass
+
+
 class Stopwatch:
     """Seconds of training. It runs except inside :meth:`paused`, which first
     waits for the device to finish the work already dispatched, so that

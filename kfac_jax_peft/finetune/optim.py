@@ -54,8 +54,8 @@ def decay_mask(params):
     return jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
 
 
-def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None, input_groups=None,
-                    traced: bool = True) -> optax.GradientTransformationExtraArgs:
+def build_optimizer(cfg: TrainConfig, *, input_groups=None, traced: bool = True
+                    ) -> optax.GradientTransformationExtraArgs:
     """The chain of ``cfg.optimizer`` with ``cfg.clip``::
 
         adamw: [clip(max_norm)] -> adamw(schedule, weight_decay)
@@ -74,11 +74,13 @@ def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None, input_gro
     gradient (there is no preconditioner); ``"post"`` is refused for AdamW
     and Sophia (which clips each coordinate itself). Sophia's ``update``
     needs the extra argument ``obj_fn`` (:mod:`kfac_jax_peft.finetune.sophia`).
-    ``axis_name`` is the data-parallel axis of a pmapped step;
     ``input_groups`` is passed to ``kfac_precondition`` when
-    ``cfg.share_input_factors``. ``traced`` (default): the values of
-    :data:`TRACED` live in the state (see the module docstring); the weight
-    decay is then always in the chain (a decay of 0 adds ``0 * params``).
+    ``cfg.share_input_factors``. The chain reduces nothing over devices: the
+    loop runs it under ``jax.jit`` over a device mesh, where the batch sums
+    are global (:mod:`kfac_jax_peft.finetune.devices`). ``traced``
+    (default): the values of :data:`TRACED` live in the state (see the
+    module docstring); the weight decay is then always in the chain (a decay
+    of 0 adds ``0 * params``).
     """
     if cfg.optimizer in ZEROTH_ORDER:
         from kfac_jax_peft.finetune.zeroth_order import zeroth_order_optimizer
@@ -93,14 +95,14 @@ def build_optimizer(cfg: TrainConfig, *, axis_name: str | None = None, input_gro
         return _chain(cfg, dict(learning_rate=learning_rate, max_norm=max_norm,
                                 weight_decay=weight_decay, damping=damping, decay=decay,
                                 fisher_damping=fisher_damping),
-                      axis_name, input_groups, always_decay=traced)
+                      input_groups, always_decay=traced)
 
     if not traced:
         return chain(**values)
     return optax.inject_hyperparams(chain, hyperparam_dtype=jnp.float32)(**values)
 
 
-def _chain(cfg: TrainConfig, h: dict, axis_name, input_groups, always_decay: bool
+def _chain(cfg: TrainConfig, h: dict, input_groups, always_decay: bool
            ) -> optax.GradientTransformationExtraArgs:
     """The chain of :func:`build_optimizer` with hyperparameter values ``h``."""
     lr = learning_rate_schedule(cfg, h["learning_rate"])
@@ -108,13 +110,13 @@ def _chain(cfg: TrainConfig, h: dict, axis_name, input_groups, always_decay: boo
         return optax.chain(clipped(optax.identity(), cfg.clip, h["max_norm"]),
                            optax.adamw(lr, weight_decay=h["weight_decay"], mask=decay_mask))
     if cfg.optimizer == "sophia":
-        return _sophia_chain(cfg, h, lr, axis_name)
+        return _sophia_chain(cfg, h, lr)
     decays = always_decay or cfg.weight_decay
     tail = ([optax.add_decayed_weights(h["weight_decay"], decay_mask)] if decays else []) \
         + [optax.scale_by_learning_rate(lr)]
     if cfg.optimizer == "sgd":
         return optax.chain(clipped(optax.identity(), cfg.clip, h["max_norm"]), *tail)
-    preconditioner = _preconditioner(cfg, h, axis_name, input_groups)
+    preconditioner = _preconditioner(cfg, h, input_groups)
     if cfg.adaptive_damping or cfg.adaptive_step:
         return _adaptive_chain(cfg, h, preconditioner, tail[:-1], lr)
     return optax.chain(clipped(preconditioner, cfg.clip, h["max_norm"]), *tail)
@@ -143,7 +145,7 @@ def _adaptive_chain(cfg: TrainConfig, h: dict, preconditioner, decay: list, lr):
     return adaptive.adaptive_damping(inner, h["damping"], every=cfg.adaptive_every)
 
 
-def _preconditioner(cfg: TrainConfig, h: dict, axis_name, input_groups):
+def _preconditioner(cfg: TrainConfig, h: dict, input_groups):
     """``kfac_precondition`` or the exact Woodbury preconditioner of the Fisher family."""
     if cfg.optimizer in ("ef", "ief", "sf"):
         from kfac_jax_peft import fisher
@@ -153,11 +155,12 @@ def _preconditioner(cfg: TrainConfig, h: dict, axis_name, input_groups):
         return make(h["fisher_damping"], damping_scale=cfg.fisher_damping_scale)
     return kfac_precondition(h["damping"], decay=h["decay"], invert_every=cfg.invert_every,
                              damping_mode=cfg.damping_mode,
-                             damping_scale=cfg.damping_scale, axis_name=axis_name,
+                             damping_scale=cfg.damping_scale,
+                             distribute_inversions=cfg.distribute_inversions,
                              input_groups=input_groups if cfg.share_input_factors else None)
 
 
-def _sophia_chain(cfg: TrainConfig, h: dict, lr: optax.Schedule, axis_name: str | None
+def _sophia_chain(cfg: TrainConfig, h: dict, lr: optax.Schedule
                   ) -> optax.GradientTransformationExtraArgs:
     """``[clip(max_norm)] -> optax.contrib.sophia``; ``clip="post"`` is refused."""
     from kfac_jax_peft.finetune.sophia import sophia_arm
@@ -166,5 +169,5 @@ def _sophia_chain(cfg: TrainConfig, h: dict, lr: optax.Schedule, axis_name: str 
         raise ValueError("optimizer='sophia' supports clip='pre' (gradient clipping) or "
                          "'none'; Sophia clips each coordinate of its step itself")
     return optax.chain(clipped(optax.identity(), cfg.clip, h["max_norm"]),
-                       sophia_arm(cfg, lr, decay_mask, axis_name,
+                       sophia_arm(cfg, lr, decay_mask,
                                   weight_decay=h["weight_decay"]))

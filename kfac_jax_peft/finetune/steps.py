@@ -26,11 +26,12 @@ imbalance of the direction the chain would take (nothing is updated).
 
 Determinism: the dropout key of a step is ``fold_in(state.rng,
 state.step)``, with ``state.rng = PRNGKey(seed)`` for the whole run, so it
-depends only on the seed and the step number. With ``axis_name`` (a
-``pmap`` axis) each device folds in its index too (different dropout masks
-on different shards), the loss and gradients are averaged over the axis and
-the K-FAC transformation sums its statistics over it, so the update equals
-the one-device update on the global batch.
+depends only on the seed and the step number. The steps are written for the
+global batch and reduce nothing over devices: under ``jax.jit`` over a
+device mesh with the batch split by rows
+(:mod:`kfac_jax_peft.finetune.devices`) XLA makes every sum global, and the
+dropout masks are drawn for the global batch from the one key, so the same
+seed gives the same run on 1 and on N devices.
 """
 
 from __future__ import annotations
@@ -110,10 +111,9 @@ def all_finite(tree) -> jax.Array:
 
 
 def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
-               axis_name: str | None = None, per_sample: str | None = None,
-               num_samples: int = 1, objective: bool = False,
-               prepare_probes: Callable | None = None, adaptive: bool = False,
-               zeroth_order: Callable | None = None) -> Steps:
+               per_sample: str | None = None, num_samples: int = 1,
+               objective: bool = False, prepare_probes: Callable | None = None,
+               adaptive: bool = False, zeroth_order: Callable | None = None) -> Steps:
     """The step functions of a run, un-jitted. ``per_sample`` (``"ef" |
     "ief" | "sf"``) adds the ``"sample"`` kind; ``num_samples`` is SF's
     number of sampled labels per example; ``objective``: pass ``obj_fn``
@@ -135,12 +135,7 @@ def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
         lambda tr, probes, frozen, batch, rng: loss_fn(tr, frozen, probes, batch, rng))
     per_sample_fn = _per_sample_fn(model, num_samples)
 
-    def step_rng(state):
-        return _step_rng(state, axis_name)
-
     def apply(state, loss, grads, **extra):
-        if axis_name is not None:
-            loss, grads = jax.lax.pmean((loss, grads), axis_name)
         if adaptive:  # the step's loss and raw gradient (kfac_jax_peft.adaptive)
             extra.update(loss=loss, grads=grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable, **extra)
@@ -151,7 +146,7 @@ def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
     def extras(state, fixed, batch):
         if not adaptive:
             return {}
-        rng = step_rng(state)
+        rng = _step_rng(state)
         return adaptive_args(model, state.trainable, fixed.frozen, batch,
                              lambda p: loss_fn(p, fixed.frozen, None, batch, rng))
 
@@ -159,18 +154,18 @@ def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
         probes = (fixed.probes if prepare_probes is None
                   else prepare_probes(fixed.probes, state.opt_state))
         loss, grads, stats = grad_stats(state.trainable, probes, fixed.frozen, batch,
-                                        step_rng(state))
+                                        _step_rng(state))
         return apply(state, loss, grads, kfac_stats=stats, **extras(state, fixed, batch))
 
     def plain_step(state, fixed, batch):
         loss, grads = jax.value_and_grad(loss_fn)(state.trainable, fixed.frozen, None, batch,
-                                                  step_rng(state))
-        extra = _objective(loss_fn, fixed, batch, step_rng(state)) if objective else {}
+                                                  _step_rng(state))
+        extra = _objective(loss_fn, fixed, batch, _step_rng(state)) if objective else {}
         return apply(state, loss, grads, **extra, **extras(state, fixed, batch))
 
     def sample_step(state, fixed, batch):
         loss, grads, extras = per_sample_fn(per_sample)(state.trainable, fixed.frozen, batch,
-                                                        rng=step_rng(state))
+                                                        rng=_step_rng(state))
         return apply(state, loss, grads, **extras)
 
     def eval_step(trainable, fixed, batch):
@@ -181,7 +176,7 @@ def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
     if per_sample:
         train = {"sample": sample_step}
     if zeroth_order is not None:
-        train = {"zo": _zo_step(zeroth_order, loss_fn, apply, step_rng)}
+        train = {"zo": _zo_step(zeroth_order, loss_fn, apply, _step_rng)}
     diagnose = _make_diagnose(model, tx, per_sample, per_sample_fn,
                               loss_fn if objective else None)
     return Steps(train, eval_step, diagnose)
@@ -226,7 +221,7 @@ def _zo_step(zeroth_order: Callable, loss_fn: Callable, apply: Callable,
     source = zeroth_order(lambda tr, frozen, batch, rng: loss_fn(tr, frozen, None, batch, rng))
 
     def zo_step(state, fixed, batch):
-        dropout_rng, key = jax.random.split(step_rng(state))
+        dropout_rng, key = jax.random.split(_step_rng(state))
         loss, grads, extra = source(state.trainable, state.opt_state, fixed.frozen, batch,
                                     dropout_rng, key)
         return apply(state, loss, grads, **extra)
@@ -234,11 +229,9 @@ def _zo_step(zeroth_order: Callable, loss_fn: Callable, apply: Callable,
     return zo_step
 
 
-def _step_rng(state: TrainState, axis_name: str | None) -> jax.Array:
-    rng = jax.random.fold_in(state.rng, state.step)
-    if axis_name is None:
-        return rng
-    return jax.random.fold_in(rng, jax.lax.axis_index(axis_name))  # masks differ per shard
+def _step_rng(state: TrainState) -> jax.Array:
+    """The dropout key of the step: the run's key with the step number folded in."""
+    return jax.random.fold_in(state.rng, state.step)
 
 
 def _make_diagnose(model: TaskModel, tx: optax.GradientTransformation,
@@ -257,7 +250,7 @@ def _make_diagnose(model: TaskModel, tx: optax.GradientTransformation,
         args = (state.trainable, fixed.frozen, batch)
         _, grads, extras = per_sample_fn("ief" if per_sample == "ief" else "ef")(*args)
         if per_sample == "sf":
-            step_extras = per_sample_fn("sf")(*args, rng=_step_rng(state, None))[2]
+            step_extras = per_sample_fn("sf")(*args, rng=_step_rng(state))[2]
         else:
             step_extras = extras if per_sample else {}
         if objective_loss is not None:

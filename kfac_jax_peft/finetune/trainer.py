@@ -2,9 +2,11 @@
 
 :func:`train` is a loop over the pure steps of
 :mod:`kfac_jax_peft.finetune.steps` (``train_step(state, fixed, batch)``,
-one compiled trace per step kind, the kind chosen on the host), placed on
-one device or data-parallel over several by
-:mod:`kfac_jax_peft.finetune.devices`. Around the steps, small helpers:
+one compiled trace per step kind, the kind chosen on the host), compiled by
+``jax.jit`` over a device mesh of one or more devices, data-parallel, by
+:mod:`kfac_jax_peft.finetune.devices`; in a multi-process job
+(:func:`~kfac_jax_peft.finetune.devices.initialize_distributed`) every
+process runs this same loop. Around the steps, small helpers:
 :func:`_restore_or_init`, :func:`_log_train`,
 :func:`_evaluate_and_keep_best`, :func:`_checkpoint`, :func:`_finish`,
 timed by one :class:`~kfac_jax_peft.finetune.logs.Stopwatch`.
@@ -28,6 +30,10 @@ What a run guarantees:
   record and in ``config.json``; the learning-rate schedule of the
   remaining steps is the longer run's). Resuming a finished run returns
   its stored result and writes nothing.
+* **One writer.** In a multi-process job the checkpoints are written by
+  all processes together (orbax), and everything else (``config.json``,
+  the log, ``best.safetensors``, ``results.json``, the progress bar) by
+  process 0 only.
 * **Honest wall-clock.** Every step kind is compiled for every padded
   length before the clock starts (``precompile``, with a "compiling N step
   variants" count-down on stderr); evaluation, checkpointing and
@@ -78,7 +84,7 @@ from kfac_jax_peft.finetune.config import (
     check_inputs,
 )
 from kfac_jax_peft.finetune.devices import Placement, num_devices
-from kfac_jax_peft.finetune.logs import MetricsLog, Stopwatch
+from kfac_jax_peft.finetune.logs import MetricsLog, NullLog, Stopwatch
 from kfac_jax_peft.finetune.model import build_task_model
 from kfac_jax_peft.finetune.optim import build_optimizer, learning_rate_schedule
 from kfac_jax_peft.finetune.steps import (
@@ -146,6 +152,7 @@ class _Compiled:
     variants already run once (compiled)."""
 
     place: Placement
+    shardings: Any
     train_steps: dict[str, Callable]
     eval_step: Callable
     diagnose: Callable
@@ -177,6 +184,7 @@ class _Run:
     uses_stats: bool
     trainable_params: str
     initial: TrainState
+    shardings: TrainState
     checkpoints: C.Checkpoints
     compiled: _Compiled | None = None
     clock: Stopwatch = dataclasses.field(default_factory=Stopwatch)
@@ -234,27 +242,34 @@ def _build(cfg: TrainConfig, data: Data, n: int, traced: bool = True) -> _Run:
     traced = traced and cfg.optimizer not in ZEROTH_ORDER  # their chains keep constants
     key = compile_signature(cfg, n) if traced else None
     compiled = _COMPILED.get(key) if key is not None else None
-    place = compiled.place if compiled is not None else Placement(n)
-    tx = build_optimizer(cfg, axis_name=place.axis_name, input_groups=model.input_groups,
-                         traced=traced)
+    place = (compiled.place if compiled is not None
+             else Placement(n, shard_factors=cfg.shard_factors))
+    tx = build_optimizer(cfg, input_groups=model.input_groups, traced=traced)
     probes = variables.get("kfac")
     uses_stats = cfg.optimizer == "kfac" and probes is not None
+    initial = init_state(trainable, tx, cfg.seed)
     if compiled is None:
         per_sample = cfg.optimizer if cfg.optimizer in PER_SAMPLE else None
         prepare = None
         if cfg.optimizer == "kfac" and cfg.damping_mode == "ekfac":
             groups = model.input_groups if cfg.share_input_factors else None
             prepare = functools.partial(ekfac_probes, input_groups=groups)
-        steps = make_steps(model, tx, axis_name=place.axis_name, per_sample=per_sample,
-                           num_samples=cfg.num_samples, prepare_probes=prepare,
+        zeroth_order = None if cfg.optimizer not in ZEROTH_ORDER else (
+            lambda loss: ZO.zeroth_order_value_and_grad(cfg, loss))
+        steps = make_steps(model, tx, per_sample=per_sample, num_samples=cfg.num_samples,
+                           prepare_probes=prepare,
                            objective=cfg.optimizer in TAKES_OBJECTIVE,
-                           adaptive=cfg.adaptive_damping or cfg.adaptive_step)
+                           adaptive=cfg.adaptive_damping or cfg.adaptive_step,
+                           zeroth_order=zeroth_order)
+        shardings = place.state_shardings(initial)
         compiled = _Compiled(
-            place=place,
-            # the state is donated: the step updates it in place
-            train_steps={k: place.compile(steps.train[k], donate_argnums=(0,))
+            place=place, shardings=shardings,
+            # the state is donated: the step updates it in place, where it lives
+            train_steps={k: place.compile(steps.train[k], donate_argnums=(0,),
+                                          out_shardings=(shardings, place.replicated))
                          for k in step_kinds(cfg, uses_stats)},
-            eval_step=place.compile(steps.eval), diagnose=place.compile(steps.diagnose),
+            eval_step=place.compile(steps.eval, out_shardings=place.rows),
+            diagnose=place.compile(steps.diagnose, out_shardings=place.replicated),
             uses_stats=uses_stats)
         _COMPILED.clear()
         if key is not None:
@@ -264,7 +279,7 @@ def _build(cfg: TrainConfig, data: Data, n: int, traced: bool = True) -> _Run:
         eval_step=compiled.eval_step, diagnose=compiled.diagnose,
         fixed=place.put(Fixed(frozen, probes if uses_stats else None)),
         uses_stats=uses_stats, trainable_params=count_trainable(variables["params"]),
-        initial=init_state(trainable, tx, cfg.seed),
+        initial=initial, shardings=compiled.shardings,
         checkpoints=C.Checkpoints(cfg.output_dir), compiled=compiled)
 
 
@@ -272,23 +287,27 @@ def _restore_or_init(run: _Run, resume: bool, extension: dict) -> TrainState:
     """The state to start from, placed, with ``run.meta``, ``run.best`` and
     ``run.log`` set: the latest checkpoint's (``resume``), or a fresh one
     (refused where checkpoints would be overwritten)."""
-    cfg, state = run.cfg, run.initial
+    cfg, state, place = run.cfg, run.initial, run.place
     run.meta = {"step": 0, "best_step": -1, "best_metric": None, "wall_clock": 0.0,
                 "last_loss": math.nan}
     run.best = jax.tree_util.tree_map(np.asarray, state.trainable)
     latest = run.checkpoints.latest_step()
     if resume:
-        restored = run.checkpoints.restore({"trainable": state.trainable,
-                                            "opt_state": state.opt_state, "best": run.best})
+        where = run.shardings
+        restored = run.checkpoints.restore(_abstract(
+            {"trainable": state.trainable, "opt_state": state.opt_state, "best": run.best},
+            {"trainable": where.trainable, "opt_state": where.opt_state,
+             "best": where.trainable}))  # restored onto the devices where the run keeps it
         if restored is None:
             raise FileNotFoundError(f"resume: no checkpoint in {cfg.output_dir!r}")
         _, saved, run.meta = restored
-        run.best = jax.tree_util.tree_map(np.asarray, saved["best"])
+        run.best = place.get(saved["best"])
         state = state._replace(step=np.int32(run.meta["step"]), trainable=saved["trainable"],
                                opt_state=saved["opt_state"])
-        if extension:
+        if extension and place.main:
             C.record_extension(cfg)
-        run.log = MetricsLog(cfg.output_dir, resume_step=int(run.meta["step"]))
+        run.log = (MetricsLog(cfg.output_dir, resume_step=int(run.meta["step"]))
+                   if place.main else NullLog())
         run.log.write("resume", step=int(run.meta["step"]), **(
             {"extended": extension} if extension else {}))
     elif latest is not None:
@@ -298,15 +317,23 @@ def _restore_or_init(run: _Run, resume: bool, extension: dict) -> TrainState:
             "resume=True (--resume) to continue that run, or choose another output_dir")
     else:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        C.write_json(os.path.join(cfg.output_dir, C.CONFIG_NAME), cfg.to_dict())
-        run.log = MetricsLog(cfg.output_dir)
+        if place.main:
+            C.write_json(os.path.join(cfg.output_dir, C.CONFIG_NAME), cfg.to_dict())
+        run.log = MetricsLog(cfg.output_dir) if place.main else NullLog()
         data = run.data
         run.log.write("start", step=0, task=data.spec.name,
                       trainable_params=run.trainable_params, num_train=len(data.train.labels),
                       num_validation=len(data.validation.labels),
-                      num_test=len(data.test.labels), devices=run.place.n)
+                      num_test=len(data.test.labels), devices=place.n,
+                      processes=jax.process_count())
     run.clock = Stopwatch(float(run.meta["wall_clock"]))
-    return run.place.put(state)
+    return place.put(state, run.shardings)
+
+
+def _abstract(tree, shardings):
+    """Shapes, dtypes and target shardings of ``tree`` (an orbax restore target)."""
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def _train_until(run: _Run, state: TrainState, start: int, end: int) -> TrainState:
@@ -316,7 +343,7 @@ def _train_until(run: _Run, state: TrainState, start: int, end: int) -> TrainSta
     stream = D.train_batches(run.data.train, cfg.batch_size, seed=cfg.seed, start_step=start,
                              pad_to_multiple_of=cfg.pad_to_multiple_of)
     window: list[jax.Array] = []
-    run.bar = _progress(cfg, start, end, run.clock)
+    run.bar = _progress(cfg, start, end, run.clock) if place.main else None
     run.clock.start()
     for step in range(start, end):
         batch = place.shard(next(stream))
@@ -351,7 +378,7 @@ def _diagnose(run: _Run, state: TrainState, batch: dict) -> dict[str, float]:
     """The gamma indicator and gradient-norm imbalance of the direction this
     step is about to take (one device only), outside the clock."""
     with run.clock.paused(state):
-        gamma, imbalance = jax.device_get(run.diagnose(state, run.fixed, batch))
+        gamma, imbalance = run.place.get(run.diagnose(state, run.fixed, batch))
     return {"gamma": float(gamma), "imbalance": float(imbalance)}
 
 
@@ -408,24 +435,25 @@ def _evaluate_and_keep_best(run: _Run, state: TrainState, done: int) -> None:
     run.log.write("eval", step=done, split="validation", wall_clock=run.clock.total, **val)
     if run.meta["best_metric"] is None or val["main"] > run.meta["best_metric"]:
         run.meta.update(best_metric=val["main"], best_step=done)
-        run.best = jax.tree_util.tree_map(np.asarray, run.place.get(state.trainable))
-        save_peft(os.path.join(cfg.output_dir, "best.safetensors"), run.best,
-                  {"step": done, "task": run.data.spec.name, **cfg.to_dict()})
+        run.best = run.place.get(state.trainable)
+        if run.place.main:
+            save_peft(os.path.join(cfg.output_dir, "best.safetensors"), run.best,
+                      {"step": done, "task": run.data.spec.name, **cfg.to_dict()})
 
 
 def _evaluate(run: _Run, trainable, encoded: D.Encoded) -> dict[str, float]:
     place = run.place
     return evaluate(
-        lambda batch: place.unshard(run.eval_step(trainable, run.fixed, place.shard(batch))),
+        lambda batch: place.get(run.eval_step(trainable, run.fixed, place.shard(batch))),
         encoded, run.data.spec, run.cfg.eval_batch_size or run.cfg.batch_size,
         run.cfg.pad_to_multiple_of)
 
 
 def _checkpoint(run: _Run, state: TrainState, done: int) -> None:
     run.meta.update(step=done, wall_clock=run.clock.total)
-    run.checkpoints.save(done, {"trainable": run.place.get(state.trainable),
-                                "opt_state": run.place.get(state.opt_state),
-                                "best": run.best}, run.meta)
+    # the placed arrays: orbax writes each process's part (split factors too)
+    run.checkpoints.save(done, {"trainable": state.trainable, "opt_state": state.opt_state,
+                                "best": run.place.put(run.best)}, run.meta)
 
 
 def _finish(run: _Run, state: TrainState, end: int) -> RunResult:
@@ -445,7 +473,7 @@ def _finish(run: _Run, state: TrainState, end: int) -> RunResult:
         run.log.write("summary", step=end, **result.to_dict())
     run.log.close()
     run.checkpoints.close()
-    if end == cfg.steps:
+    if end == cfg.steps and run.place.main:
         C.write_json(os.path.join(cfg.output_dir, C.RESULTS_NAME), result.to_dict())
     return result
 
@@ -526,8 +554,8 @@ def _clip_counts(place: Placement, opt_state) -> tuple[int, int, float | None]:
     s = clip_stats(opt_state)
     if s is None:
         return (0, 0, None)
-    count, num_clipped, norm = (place.scalar(x) for x in jax.device_get(
-        (s.count, s.num_clipped, s.norm)))  # one transfer
+    count, num_clipped, norm = (float(x) for x in place.get(
+        (s.count, s.num_clipped, s.norm)))
     return (int(count), int(num_clipped), norm)
 
 

@@ -48,7 +48,9 @@ becomes ``(A + sqrt(lambda) (tr A / d_a) I) kron (G + sqrt(lambda) (tr G /
 d_g) I)``. Where a trace is zero or not finite (LoRA's zero ``B`` at the
 start), ``s = 1``: the value is read as absolute for that layer.
 
-Matrices of equal size are stacked and inverted in one batched call.
+Matrices of equal size are stacked and inverted in one batched call; with
+``spread`` (the axes of the device mesh the step is traced under) each
+device inverts its share of every stack (:mod:`kfac_jax_peft.kfac.spread`).
 """
 
 from __future__ import annotations
@@ -173,8 +175,12 @@ def _over_batch(fn: Callable, stack: jnp.ndarray):
     return fn(stack)
 
 
-def _grouped(mats: Sequence[jnp.ndarray], fn: Callable) -> list:
+def _grouped(mats: Sequence[jnp.ndarray], fn: Callable, spread: tuple[str, ...] | None = None
+             ) -> list:
     """Apply ``fn`` to matrices grouped by shape; results in order.
+
+    With ``spread`` (mesh axes) each shape's stack is split over the devices
+    of those axes (:func:`kfac_jax_peft.kfac.spread.map_spread`).
 
     On accelerators each group is one batched call on the stacked matrices.
     On CPU, where LAPACK is called once per matrix anyway (see
@@ -182,6 +188,10 @@ def _grouped(mats: Sequence[jnp.ndarray], fn: Callable) -> list:
     of the inputs and of the results is made, so the workspace is that of one
     matrix at a time rather than two copies of all of them.
     """
+    if spread:
+        from kfac_jax_peft.kfac.spread import map_spread
+
+        return map_spread(fn, mats, _over_batch, spread)
     if jax.default_backend() == "cpu":
         return [fn(m) for m in mats]
     groups: dict = {}
@@ -204,9 +214,10 @@ def batched_eigh(mats: jnp.ndarray):
     return vecs, vals
 
 
-def eigen_factors(mats: Sequence[jnp.ndarray]) -> list:
-    """:class:`EigenFactor` of each matrix (eigenvalues as computed, unclipped)."""
-    return [EigenFactor(*d) for d in _grouped(mats, batched_eigh)]
+def eigen_factors(mats: Sequence[jnp.ndarray], spread: tuple[str, ...] | None = None) -> list:
+    """:class:`EigenFactor` of each matrix (eigenvalues as computed, unclipped);
+    ``spread``: see :func:`_grouped`."""
+    return [EigenFactor(*d) for d in _grouped(mats, batched_eigh, spread)]
 
 
 def batched_cholesky(mats: jnp.ndarray) -> jnp.ndarray:
@@ -251,15 +262,18 @@ def newton_schulz(mats: jnp.ndarray, x0: jnp.ndarray, iterations: int, tolerance
 
 
 def invert(factors: Sequence[tuple], previous: Sequence, mode: str, method: str,
-           damping, ns_iterations: int = 1, ns_tolerance: float = 1e-3) -> list:
+           damping, ns_iterations: int = 1, ns_tolerance: float = 1e-3,
+           spread: tuple[str, ...] | None = None) -> list:
     """New curvature representations for a list of ``(A, G)`` factor pairs.
 
     ``previous`` holds the current representations (the warm start of the
     Newton-Schulz method); ``damping`` is used only by ``factored`` mode: one
-    value for every pair, or a sequence with one value per pair.
+    value for every pair, or a sequence with one value per pair; ``spread``
+    (mesh axes; not with Newton-Schulz, whose fall-back is decided for a
+    whole stack) splits the work over the devices.
     """
     if mode == "exact":
-        dec = eigen_factors([m for ag in factors for m in ag])
+        dec = eigen_factors([m for ag in factors for m in ag], spread)
         return [Eigen(*dec[2 * i], *dec[2 * i + 1]) for i in range(len(factors))]
     damped = []
     per_pair = isinstance(damping, list | tuple)
@@ -269,13 +283,16 @@ def invert(factors: Sequence[tuple], previous: Sequence, mode: str, method: str,
         damped.append(A + pi * sd * jnp.eye(A.shape[0], dtype=A.dtype))
         damped.append(G + sd / pi * jnp.eye(G.shape[0], dtype=G.dtype))
     if method == "cholesky_solve":
-        ch = _grouped(damped, batched_cholesky)
+        ch = _grouped(damped, batched_cholesky, spread)
         return [CholeskyFactors(ch[2 * i], ch[2 * i + 1]) for i in range(len(factors))]
     if method == "cholesky":
-        inv = _grouped(damped, batched_cholesky_inverse)
+        inv = _grouped(damped, batched_cholesky_inverse, spread)
     elif method == "eigh":
-        inv = _grouped(damped, batched_eigh_inverse)
+        inv = _grouped(damped, batched_eigh_inverse, spread)
     else:
+        if spread:
+            raise ValueError("inverse_method='newton_schulz' is not spread over devices "
+                             "(matmul-only; its Cholesky fall-back is decided per stack)")
         prev = [m for p in previous for m in p]
         pairs = list(zip(damped, prev))
         groups: dict = {}

@@ -218,11 +218,15 @@ def _where(cond, new, old):
     return jax.tree_util.tree_map(lambda n, o: jnp.where(cond, n, o), new, old)
 
 
-def decompose(factors: Mapping[str, FactorState], keys) -> tuple[dict, dict]:
+def decompose(factors: Mapping[str, FactorState], keys, spread: tuple[str, ...] | None = None
+              ) -> tuple[dict, dict]:
     """Eigendecompositions of the estimates ``S / w`` of ``keys``;
-    ``({key: EigenFactor}, {key: usable})`` (usable: finite, from data)."""
+    ``({key: EigenFactor}, {key: usable})`` (usable: finite, from data).
+    ``spread``: mesh axes to split the decompositions over
+    (:mod:`kfac_jax_peft.kfac.spread`)."""
     keys = sorted(keys)
-    dec = I.eigen_factors([F.estimate_one(factors[k].average, factors[k].weight) for k in keys])
+    dec = I.eigen_factors([F.estimate_one(factors[k].average, factors[k].weight) for k in keys],
+                          spread)
     good = {k: I.is_finite(d) & (factors[k].weight > 0) for k, d in zip(keys, dec)}
     return dict(zip(keys, dec)), good
 
@@ -263,18 +267,20 @@ def exact_flags(specs: Mapping[str, LayerSpec], factors: Mapping[str, FactorStat
 def invert_layers(specs: Mapping[str, LayerSpec], factors: Mapping[str, FactorState],
                   layers: Mapping[str, LayerState], damping, method: str,
                   ns_iterations: int, ns_tolerance: float,
-                  damping_scale: str = "absolute") -> dict:
+                  damping_scale: str = "absolute",
+                  spread: tuple[str, ...] | None = None) -> dict:
     """``factored`` damping: new damped inverses of every layer's pair of
     estimates; a non-finite result keeps the previous inverses. With
     ``damping_scale="relative"`` each pair is damped by ``damping`` times its
-    :func:`~kfac_jax_peft.kfac.inverse.relative_scale`."""
+    :func:`~kfac_jax_peft.kfac.inverse.relative_scale`. ``spread``: see
+    :func:`decompose`."""
     paths = sorted(specs)
     pairs = [tuple(F.estimate_one(factors[k].average, factors[k].weight)
                    for k in (specs[p].a_key, specs[p].g_key)) for p in paths]
     if damping_scale == "relative":
         damping = [damping * I.relative_scale(A, G) for A, G in pairs]
     new = I.invert(pairs, [layers[p].inverse for p in paths], "factored", method, damping,
-                   ns_iterations, ns_tolerance)
+                   ns_iterations, ns_tolerance, spread)
     out = dict(layers)
     for p, inv in zip(paths, new):
         ls, s = layers[p], specs[p]

@@ -136,6 +136,7 @@ from kfac_jax_peft.kfac.layers import (
     group_fn,
     register,
 )
+from kfac_jax_peft.kfac.spread import mesh_axes
 
 
 class KFACState(NamedTuple):
@@ -167,6 +168,7 @@ class _Config(NamedTuple):
     layer_filter: Callable
     groups: Callable
     ekfac: bool = False
+    distribute: bool = False
 
 
 def kfac_precondition(
@@ -184,6 +186,7 @@ def kfac_precondition(
     ns_tolerance: float = 1e-3,
     input_groups: InputGroups | None = None,
     store_factors: bool = True,
+    distribute_inversions: bool = False,
     strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Precondition gradients by the inverse K-FAC Fisher of each dense layer.
@@ -224,6 +227,14 @@ def kfac_precondition(
         back to Cholesky.
       input_groups: layers sharing one input factor; ``None``: none.
       store_factors: ``False`` keeps only the curvature.
+      distribute_inversions: under ``jax.jit`` over a device mesh (the step
+        traced inside ``with jax.set_mesh(mesh):``), each device decomposes
+        about ``1/N`` of the factors (of each size) and the results are
+        gathered onto every device, instead of every device repeating
+        every inversion (:mod:`kfac_jax_peft.kfac.spread`); the same update.
+        Not with ``inverse_method="newton_schulz"`` nor under ``pmap``.
+        To keep the factors themselves split over the mesh (memory), give
+        the state the shardings of :func:`kfac_jax_peft.kfac_state_shardings`.
       strict: raise instead of warning when registered layers get no
         statistics (see *No silent fall-back* in the module documentation).
 
@@ -245,6 +256,14 @@ def kfac_precondition(
     """
     _check_settings(damping, decay, invert_every, damping_mode, inverse_method, ns_tolerance,
                     store_factors)
+    distribute = bool(distribute_inversions)
+    if distribute and (inverse_method == "newton_schulz" and damping_mode == "factored"):
+        raise ValueError("distribute_inversions=True needs damping_mode='exact' or another "
+                         "inverse_method than 'newton_schulz' (matmul-only; its Cholesky "
+                         "fall-back is decided for a whole stack)")
+    if distribute and axis_name is not None:
+        raise ValueError(f"distribute_inversions=True is for jit over a device mesh; with "
+                         f"axis_name={axis_name!r} (pmap) every device inverts")
     if inverse_method == "newton_schulz":
         ns_iterations = int(H.check_positive_int("ns_iterations", ns_iterations))
     H.check_choice("damping_scale", damping_scale, I.DAMPING_SCALES)
@@ -253,7 +272,8 @@ def kfac_precondition(
                   method=inverse_method,
                   dtype=H.check_factor_dtype(factor_dtype), store=bool(store_factors),
                   layer_filter=layer_filter or default_layer_filter,
-                  groups=group_fn(input_groups), ekfac=damping_mode == "ekfac")
+                  groups=group_fn(input_groups), ekfac=damping_mode == "ekfac",
+                  distribute=distribute)
 
     def init_fn(params):
         H.check_schedule_start("damping", damping, low=0.0)
@@ -376,6 +396,7 @@ def _statistics_step(cfg: _Config, specs, state: KFACState, updates, kfac_stats,
                   "their gradient through unchanged until they have curvature")
     if not matched:
         return state
+    spread = mesh_axes() if cfg.distribute else None
     # a layer whose gradient is not finite keeps its factors (on every device
     # alike: the count of bad devices is summed with the statistics)
     flat = flatten(updates)
@@ -393,7 +414,7 @@ def _statistics_step(cfg: _Config, specs, state: KFACState, updates, kfac_stats,
                          "'ekfac': capture them with the model's plain probes")
     if not cfg.store:
         new = {k: factors[k] for k in stats}
-        dec, good = S.decompose(new, new)
+        dec, good = S.decompose(new, new, spread)
         factors = S.commit_curvature_only(state.factors, new, accepted, dec, good)
         layers = S.exact_flags(specs, factors, state.layers)
         return state._replace(factors=factors, layers=layers, last_inversion=state.count,
@@ -402,13 +423,13 @@ def _statistics_step(cfg: _Config, specs, state: KFACState, updates, kfac_stats,
     def invert(carry):
         factors, layers = carry
         if cfg.exact:
-            dec, good = S.decompose(factors, factors)
+            dec, good = S.decompose(factors, factors, spread)
             factors = S.commit_eigen(factors, dec, good)
             if cfg.ekfac:
                 layers = E.restart_diagonals(specs, layers, good)
             return factors, S.exact_flags(specs, factors, layers)
         return factors, S.invert_layers(specs, factors, layers, lam, cfg.method, *ns,
-                                        damping_scale=cfg.scale)
+                                        damping_scale=cfg.scale, spread=spread)
 
     last = state.last_inversion
     due = (last < 0) | (state.count - last >= invert_every)
