@@ -88,3 +88,40 @@ def test_state_shardings_split_square_factors_that_divide_and_replicate_the_rest
     assert k.count == NamedSharding(mesh, P())
     with pytest.raises(ValueError, match="not an axis"):
         kp.kfac_state_shardings(state, mesh, "model")
+
+
+_SAVE_ON_FOUR = """
+import sys
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from kfac_jax_peft.finetune.checkpoint import Checkpoints
+mesh = Mesh(np.array(jax.devices()), ("data",))
+rows = jax.device_put(np.arange(32.0, dtype=np.float32).reshape(8, 4),
+                      NamedSharding(mesh, P("data")))
+same = jax.device_put(np.full(3, 2.0, np.float32), NamedSharding(mesh, P()))
+c = Checkpoints(sys.argv[1])
+c.save(7, {"trainable": {"w": rows}, "opt_state": [same]}, {"step": 7})
+c.close()
+"""
+
+
+def test_a_checkpoint_saved_on_four_devices_is_read_back_on_one(tmp_path):
+    # what reading a finished run back does (resume of a finished run, compare):
+    # no template, so the stored layout must not be required
+    from kfac_jax_peft.finetune.checkpoint import Checkpoints
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+                   [ROOT] + os.environ.get("PYTHONPATH", "").split(os.pathsep)).rstrip(
+                       os.pathsep))
+    out = subprocess.run([sys.executable, "-c", _SAVE_ON_FOUR, str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(jax.devices()) == 1
+    checkpoints = Checkpoints(str(tmp_path))
+    step, state, meta = checkpoints.restore()
+    checkpoints.close()
+    assert step == 7 and meta == {"step": 7}
+    np.testing.assert_array_equal(np.asarray(state["trainable"]["w"]),
+                                  np.arange(32.0, dtype=np.float32).reshape(8, 4))
+    np.testing.assert_array_equal(np.asarray(state["opt_state"][0]), np.full(3, 2.0))

@@ -72,18 +72,35 @@ class Checkpoints:
 
     def restore(self, template: Any = None) -> tuple[int, Any, dict] | None:
         """``(step, state, meta)`` of the latest checkpoint, or None. With a
-        ``template`` (a tree of the state's structure, shapes and dtypes) the
-        state has that structure; without, the stored one (nested dicts and
-        lists of arrays)."""
+        ``template`` (a tree of the state's structure, shapes, dtypes and
+        shardings) the state has that structure and placement; without, the
+        stored structure (nested dicts and lists of arrays) on this process's
+        first device, whatever devices it was saved from."""
         ocp = self._ocp
         step = self.manager.latest_step()
         if step is None:
             return None
-        state = ocp.args.StandardRestore(None if template is None else jax.tree_util.tree_map(
-            ocp.utils.to_shape_dtype_struct, template))
+        if template is None:
+            target = self._on_one_device(step)
+        else:
+            target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+        state = ocp.args.StandardRestore(target)
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=state, meta=ocp.args.JsonRestore()))
         return step, out["state"], out["meta"]
+
+    def _on_one_device(self, step: int):
+        """The stored state's structure, shapes and dtypes, placed on this
+        process's first device: a restore target that does not depend on the
+        devices the run was saved from (a run trained on a mesh of 4 is read
+        back by a process with one)."""
+        ocp = self._ocp
+        path = os.path.join(str(self.manager.directory), str(step), "state")
+        tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+            if hasattr(m, "shape") and hasattr(m, "dtype") else m, tree)
 
     def close(self) -> None:
         self.manager.close()
