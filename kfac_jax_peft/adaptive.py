@@ -200,7 +200,9 @@ def adaptive_damping(
                          f"({max_damping})")
 
     def init_fn(params):
-        return AdaptiveDampingState(jnp.zeros((), jnp.int32), jnp.asarray(damping, jnp.float32),
+        # a copy: under optax.inject_hyperparams ``damping`` is the state's own
+        # hyperparameter array, and one buffer twice in a state cannot be donated
+        return AdaptiveDampingState(jnp.zeros((), jnp.int32), jnp.array(damping, jnp.float32),
                                     jnp.asarray(jnp.nan, jnp.float32), jnp.zeros((), jnp.int32),
                                     inner.init(params))
 
