@@ -1,9 +1,12 @@
 """Predictive distributions of a model's outputs, and labels sampled from them.
 
-One definition for the two places that sample labels: the sampled-Fisher
+One definition for the places that sample labels: the sampled-Fisher
 K-FAC statistics (:func:`kfac_jax_peft.kfac_value_and_grad` with
 ``fisher_type="sampled"``) and the sampled-Fisher per-sample gradients
-(:func:`kfac_jax_peft.fisher.per_sample_value_and_grad`).
+(:func:`kfac_jax_peft.fisher.per_sample_value_and_grad`) take the
+cotangents of :func:`sample_cotangents`; Sophia's Gauss-Newton-Bartlett
+estimator (:mod:`kfac_jax_peft.finetune.sophia`) takes the labels of
+:func:`sample_labels`.
 
 * ``"categorical"``: outputs are logits; ``-grad_z log p(y | z) = softmax(z) - onehot(y)``.
 * ``"gaussian"``: outputs are means of a unit-variance Gaussian;
@@ -50,3 +53,23 @@ def sample_cotangents(outputs: jax.Array, rng: jax.Array, num_samples: int,
     else:
         cot = -jax.random.normal(rng, (num_samples,) + z.shape, z.dtype)
     return cot.astype(outputs.dtype)
+
+
+def sample_labels(outputs: jax.Array, rng: jax.Array, likelihood: str = "categorical",
+                  variance: float = 1.0) -> jax.Array:
+    """One label ``y_hat ~ p(. | z)`` per prediction of ``outputs``.
+
+    ``"categorical"``: ``outputs [..., C]`` are logits and the result is
+    ``int32 [...]``, ``y_hat ~ softmax(z)`` over the last axis.
+    ``"gaussian"``: ``outputs`` are means and the result, of their shape and
+    dtype, is ``y_hat = z + sqrt(variance) * eps`` with ``eps ~ N(0, I)``
+    (``variance`` is ignored for ``"categorical"``). The labels carry no
+    gradient.
+    """
+    check_likelihood(likelihood)
+    z = jax.lax.stop_gradient(outputs)
+    if likelihood == "categorical":
+        return jax.random.categorical(rng, z.astype(jnp.promote_types(z.dtype, jnp.float32)),
+                                      axis=-1).astype(jnp.int32)
+    eps = jax.random.normal(rng, z.shape, jnp.promote_types(z.dtype, jnp.float32))
+    return (z + jnp.sqrt(variance) * eps).astype(z.dtype)

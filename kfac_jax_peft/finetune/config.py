@@ -39,9 +39,12 @@ ZEROTH_ORDER = ("mezo", "mezo-adam", "hizoo", "loho-sgd-inter", "loho-adam-inter
 OPTIMIZERS = ("adamw", "kfac", "sgd", "ef", "ief", "sf", "sophia") + ZEROTH_ORDER
 #: Optimizers whose step needs per-sample gradients (kfac_jax_peft.fisher).
 PER_SAMPLE = ("ef", "ief", "sf")
-#: Optimizers whose update takes the step's loss as a function (``obj_fn``).
+#: Optimizers whose update takes the step's loss as a function (``obj_fn``; or
+#: the logits and the loss of the logits, for Sophia's GNB estimator).
 TAKES_OBJECTIVE = ("sophia",)
 CLIP_MODES = ("post", "pre", "none")
+#: Sophia's Hessian-diagonal estimators (kfac_jax_peft.finetune.sophia).
+SOPHIA_ESTIMATORS = ("hutchinson", "gnb")
 PEFT_METHODS = ("lora", "houlsby", "pfeiffer", "head")
 DAMPING_MODES = ("exact", "ekfac", "factored")
 #: How a damping value is read: as it is, or relative to the curvature's own
@@ -188,8 +191,12 @@ class TrainConfig:
         sophia_gamma: sophia's step is -lr * clip(m / max(gamma * h, eps), 1)
             per coordinate (the paper's 0.01).
         sophia_eps: the floor of gamma * h in sophia's step.
-        sophia_hessian_every: sophia refreshes its Hutchinson estimate of
-            the Hessian diagonal every this many steps (the paper's 10).
+        sophia_hessian_every: sophia refreshes its estimate of the Hessian
+            diagonal every this many steps (the paper's 10).
+        sophia_estimator: sophia's Hessian-diagonal estimate: hutchinson
+            (u * Hu, one Hessian-vector product, u Rademacher) or gnb
+            (Gauss-Newton-Bartlett: B * g * g, g the gradient of the batch
+            loss on labels sampled from the model; non-negative).
         zo_eps: the zeroth-order perturbation size (1e-3, every setting
             of LoHO's tables).
         zo_lr: the peak learning rate of the zeroth-order part (the whole
@@ -278,6 +285,7 @@ class TrainConfig:
     sophia_gamma: float = 0.01
     sophia_eps: float = 1e-8
     sophia_hessian_every: int = 10
+    sophia_estimator: str = "hutchinson"
     steps: int = 1000
     eval_every: int = 200
     checkpoint_every: int | None = None
@@ -424,7 +432,8 @@ _PATHS = ("model", "data_dir", "output_dir")
 
 _CHOICES = {"peft": PEFT_METHODS, "optimizer": OPTIMIZERS, "clip": CLIP_MODES,
             "damping_mode": DAMPING_MODES, "damping_scale": DAMPING_SCALES,
-            "fisher_damping_scale": FISHER_DAMPING_SCALES}
+            "fisher_damping_scale": FISHER_DAMPING_SCALES,
+            "sophia_estimator": SOPHIA_ESTIMATORS}
 
 
 def _type_error(key: str, value: Any, wanted: str) -> ConfigTypeError:

@@ -73,7 +73,8 @@ def build_optimizer(cfg: TrainConfig, *, input_groups=None, traced: bool = True
     records the clip rate). For SGD, ``"post"`` and ``"pre"`` both clip the
     gradient (there is no preconditioner); ``"post"`` is refused for AdamW
     and Sophia (which clips each coordinate itself). Sophia's ``update``
-    needs the extra argument ``obj_fn`` (:mod:`kfac_jax_peft.finetune.sophia`).
+    needs the extra argument ``obj_fn`` (Hutchinson) or ``logits_fn``,
+    ``gnb_loss_fn``, ``gnb_batch_size`` (GNB; :mod:`kfac_jax_peft.finetune.sophia`).
     ``input_groups`` is passed to ``kfac_precondition`` when
     ``cfg.share_input_factors``. The chain reduces nothing over devices: the
     loop runs it under ``jax.jit`` over a device mesh, where the batch sums

@@ -11,7 +11,9 @@ whatever the optimizer; what differs between optimizers is which of the
   inverse), the step of every step that is not a statistics step; with
   ``objective=True`` (Sophia) the chain also gets ``obj_fn``, the step's
   loss as a function of the trainable parameters (same batch, same dropout
-  key), for its Hessian-vector products;
+  key), for Hutchinson's Hessian-vector products, and ``logits_fn``,
+  ``gnb_loss_fn``, ``gnb_batch_size`` for the Gauss-Newton-Bartlett
+  estimator (:func:`_objective`);
 * ``"sample"``: the exact Fisher-family updates (EF, iEF, SF) fed with
   per-sample gradients; deterministic (no dropout), one device;
 * ``"zo"``: the zeroth-order arms (:mod:`kfac_jax_peft.finetune.zeroth_order`):
@@ -116,8 +118,8 @@ def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
                adaptive: bool = False, zeroth_order: Callable | None = None) -> Steps:
     """The step functions of a run, un-jitted. ``per_sample`` (``"ef" |
     "ief" | "sf"``) adds the ``"sample"`` kind; ``num_samples`` is SF's
-    number of sampled labels per example; ``objective``: pass ``obj_fn``
-    (:func:`_objective`) to the chain; ``prepare_probes(probes,
+    number of sampled labels per example; ``objective``: pass Sophia's
+    estimators' arguments (:func:`_objective`) to the chain; ``prepare_probes(probes,
     opt_state) -> probes`` runs before a statistics step's capture (EKFAC's
     :func:`~kfac_jax_peft.ekfac_probes`). ``adaptive``: the chain takes the
     extra arguments of :mod:`kfac_jax_peft.adaptive` (see
@@ -160,7 +162,8 @@ def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
     def plain_step(state, fixed, batch):
         loss, grads = jax.value_and_grad(loss_fn)(state.trainable, fixed.frozen, None, batch,
                                                   _step_rng(state))
-        extra = _objective(loss_fn, fixed, batch, _step_rng(state)) if objective else {}
+        extra = (_objective(model, loss_fn, fixed, batch, _step_rng(state)) if objective
+                 else {})
         return apply(state, loss, grads, **extra, **extras(state, fixed, batch))
 
     def sample_step(state, fixed, batch):
@@ -182,12 +185,29 @@ def make_steps(model: TaskModel, tx: optax.GradientTransformation, *,
     return Steps(train, eval_step, diagnose)
 
 
-def _objective(loss_fn: Callable, fixed: Fixed, batch, rng) -> dict[str, Callable]:
-    """``{"obj_fn": f}`` with ``f(trainable)`` the loss of this step: the
-    same batch and dropout key as its gradient, no K-FAC probes (the extra
-    argument of ``optax.contrib.sophia``'s Hessian-diagonal estimator). On a
-    ``pmap`` axis it is this shard's loss; the estimator averages."""
-    return {"obj_fn": lambda trainable: loss_fn(trainable, fixed.frozen, None, batch, rng)}
+def _objective(model: TaskModel, loss_fn: Callable, fixed: Fixed, batch, rng
+               ) -> dict[str, Any]:
+    """The extra arguments of Sophia's Hessian-diagonal estimators
+    (:mod:`kfac_jax_peft.finetune.sophia`), all on this step's batch with its
+    dropout key and no K-FAC probes (each estimator takes its own and
+    ignores the others; an unused one is never traced):
+
+    * ``obj_fn(trainable)``: the step's loss (Hutchinson's);
+    * ``logits_fn(trainable)``: the model's logits on the batch,
+      ``gnb_loss_fn(logits, labels)``: the training loss (the mean over the
+      valid rows, :meth:`TaskModel.loss`) with ``labels`` in place of the
+      batch's, and ``gnb_batch_size``: the number of valid rows, that mean's
+      ``B`` (GNB's; padding rows get sampled labels that the mask drops).
+
+    On a ``pmap`` axis they are this shard's; the estimator averages."""
+    def gnb_loss_fn(logits, labels):
+        return model.loss(logits, {**batch, "labels": labels})
+
+    return {"obj_fn": lambda trainable: loss_fn(trainable, fixed.frozen, None, batch, rng),
+            "logits_fn": lambda trainable: model.logits(
+                merge_trainable(trainable, fixed.frozen), None, batch, rng),
+            "gnb_loss_fn": gnb_loss_fn,
+            "gnb_batch_size": jnp.sum(batch["valid"].astype(jnp.float32))}
 
 
 def adaptive_args(model: TaskModel, trainable, frozen, batch, value_fn: Callable) -> dict:
@@ -243,7 +263,7 @@ def _make_diagnose(model: TaskModel, tx: optax.GradientTransformation,
     matrix of the training loss, i.e. the Fisher for cross-entropy), and the
     ratio of the largest to the smallest per-sample gradient norm.
     ``objective_loss``: the steps' ``loss_fn``, when the chain takes
-    ``obj_fn`` (here without dropout, like the gradient)."""
+    ``obj_fn`` and GNB's arguments (here without dropout, like the gradient)."""
     from kfac_jax_peft import fisher
 
     def diagnose(state, fixed, batch):
@@ -255,7 +275,7 @@ def _make_diagnose(model: TaskModel, tx: optax.GradientTransformation,
             step_extras = extras if per_sample else {}
         if objective_loss is not None:
             step_extras = {**step_extras,
-                           **_objective(objective_loss, fixed, batch, None)}
+                           **_objective(model, objective_loss, fixed, batch, None)}
         direction, _ = tx.update(grads, state.opt_state, state.trainable, **step_extras)
         fvp = fisher.fisher_vector_product(_model_fn(model), *args,
                                            loss_fn=_example_loss(model))
