@@ -129,6 +129,12 @@ def seeds_table(base: TrainConfig, tuned: dict[str, dict], seeds: list[int], dat
     return out
 
 
+def _mean_known(values: list) -> float | None:
+    """The mean of the values that are not None (None if none is)."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
 def _fmt(x, spec=".4f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -147,9 +153,8 @@ def report_task(task: str, data, tuned, grids, table, seeds, seconds) -> list[st
               "final loss | wall-clock to it (s) | wall-clock (s) | clip rate by thirds |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for arm, r in table.items():
-        thirds = np.array([[np.nan if v is None else v for v in t] for t in r["clip_thirds"]])
-        clip = ("-" if np.all(np.isnan(thirds)) else
-                " / ".join(f"{v:.2f}" for v in np.nanmean(thirds, axis=0)))
+        clip = " / ".join(_fmt(_mean_known([t[i] for t in r["clip_thirds"]]), ".2f")
+                          for i in range(3))
         lines.append(f"| {arm} | {r['test_mean']:.4f} ± {r['test_std']:.4f} | "
                      f"{r['validation_mean']:.4f} | {r['final_loss']:.4f} | "
                      f"{_fmt(r['steps_to_adamw'], '.0f')} ({r['reached']}) | "

@@ -66,3 +66,25 @@ def test_glue_script_tunes_then_compares(common_args, tmp_path):
     assert sorted(p.name for p in (cmp / "adamw").iterdir()) == ["seed0", "seed1"]
     assert sorted(p.name for p in (cmp / "kfac-none").iterdir()) == ["seed0"]
     assert (cmp / "summary.json").exists() and (cmp / "four_arms.json").exists()
+
+
+def test_paper_protocol_tunes_then_runs_seeds(common_args, tmp_path):
+    module = importlib.import_module("paper_protocol")
+    out = tmp_path / "protocol"
+    args = common_args + ["--tasks", "rte", "--seeds", "0", "1", "--adamw-lr", "1e-3",
+                          "--kfac-lr", "0.1", "--kfac-damping", "1e-3", "1e-2",
+                          "--out", str(out)]
+    assert module.main(args) == 0
+    report = (out / "results.md").read_text()
+    assert "## rte" in report and "kfac_lr0.1_clip1_damp0.01" in report
+    assert "clip rate by thirds" in report and "nan" not in report.lower()
+    grid = sorted(p.name for p in (out / "rte" / "grid").iterdir())
+    assert grid == ["adamw_lr0.001_clip1", "kfac_lr0.1_clip1_damp0.001",
+                    "kfac_lr0.1_clip1_damp0.01"]
+    for arm in ("adamw", "kfac"):  # seed 0 is its own run of the tuned point, seed 1 too
+        assert sorted(p.name for p in (out / "rte" / "seeds" / arm).iterdir()) == [
+            "seed0", "seed1"]
+    # a second call reads every finished run back
+    before = sorted(str(p) for p in out.rglob("results.json"))
+    assert module.main(args) == 0
+    assert sorted(str(p) for p in out.rglob("results.json")) == before
