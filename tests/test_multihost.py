@@ -63,7 +63,7 @@ def test_two_processes_of_two_devices_match_one_process(tmp_path):
                    JAX_PROCESS_ID=str(pid), PYTHONPATH=os.pathsep.join(
                        [ROOT] + os.environ.get("PYTHONPATH", "").split(os.pathsep)).rstrip(
                            os.pathsep))
-        procs.append(subprocess.Popen([sys.executable, str(CHILD), *flags], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(CHILD), *flags, "--json"], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     try:
@@ -78,7 +78,7 @@ def test_two_processes_of_two_devices_match_one_process(tmp_path):
                         + stdout.split("NO_CPU_COLLECTIVES", 1)[1].strip()[:300])
     for pid, (p, (_, stderr)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {pid}:\n{stderr[-3000:]}"
-    # process 0 alone printed the result and wrote the log and the run's files
+    # process 0 alone printed the result (--json) and wrote the log and the run's files
     # (gloo prints its connections to stdout first)
     lines = outs[0][0].splitlines()
     assert json.loads("\n".join(lines[lines.index("{"):]))["steps"] == 4, outs[0][0]
