@@ -60,6 +60,13 @@ def plot_curves(curves: Mapping[str, Mapping[str, Sequence]], out: str, *,
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    return save_figure(fig, out, title)
+
+
+def save_figure(fig, out: str, title: str | None = None) -> str:
+    """Title, lay out, write (the folder made) and close ``fig``; returns ``out``."""
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -165,10 +165,6 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], out: str,
         ax.grid(alpha=0.3)
     if best is not None:
         axes[0][0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    from kfac_jax_peft.finetune.plots import save_figure
+
+    return save_figure(fig, out, title)

@@ -221,29 +221,33 @@ def influence(loss_fn: Callable, params, train_batches: Iterable, test_batch, *,
 
 def _ekfac_precondition(v, eig, train_blocks, train_weights, damping):
     """Fit ``s = (1/n) sum_i (Q_A^T G_i Q_G)^2``, then precondition ``v``."""
-    total, n = None, 0.0
-
     @jax.jit
     def fit(g, w):
         return {k: jnp.einsum("b,bij->ij", w, jnp.square(
             jnp.einsum("ai,nab,bj->nij", eig[k].qa, g[k], eig[k].qg, precision=HP)),
             precision=HP) for k in g}
 
+    total, n = _summed(fit, train_blocks, train_weights)
+    return {k: jax.vmap(lambda x, k=k: I.precondition(
+        x, I.EigenCorrected(eig[k].qa, eig[k].qg, total[k] / n), damping))(v[k]) for k in v}
+
+
+def _summed(fit, train_blocks, train_weights) -> tuple[dict, float]:
+    """``(sum over the training batches of fit(g, w), number of real rows)``;
+    an error if no row is real."""
+    total, n = None, 0.0
     for g, w in zip(train_blocks, train_weights):
         part = fit(g, w)
         total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
         n += float(jnp.sum(w))
     if n <= 0:
         raise ValueError("influence: no real training example (all rows filler)")
-    return {k: jax.vmap(lambda x, k=k: I.precondition(
-        x, I.EigenCorrected(eig[k].qa, eig[k].qg, total[k] / n), damping))(v[k]) for k in v}
+    return total, n
 
 
 def _datainf_precondition(v, train_blocks, train_weights, damping):
     """``u_l = (1/lambda) [v_l - (1/n) sum_i c_il g_il]``, ``c_il = <v_l, g_il> /
     (lambda + ||g_il||^2)`` (Kwon et al. 2023, per layer ``l``)."""
-    total, n = None, 0.0
-
     @jax.jit
     def fit(g, w):
         out = {}
@@ -253,12 +257,7 @@ def _datainf_precondition(v, train_blocks, train_weights, damping):
             out[k] = jnp.einsum("tb,bij->tij", c, g[k], precision=HP)
         return out
 
-    for g, w in zip(train_blocks, train_weights):
-        part = fit(g, w)
-        total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
-        n += float(jnp.sum(w))
-    if n <= 0:
-        raise ValueError("influence: no real training example (all rows filler)")
+    total, n = _summed(fit, train_blocks, train_weights)
     return {k: (v[k] - total[k] / n) / damping for k in v}
 
 
