@@ -129,3 +129,32 @@ def test_gradient_norm_imbalance_equals_numpy():
     np.testing.assert_allclose(fisher.per_sample_grad_norms(J), norms, rtol=1e-6)
     np.testing.assert_allclose(fisher.gradient_norm_imbalance(J), norms.max() / norms.min(),
                                rtol=1e-6)
+
+
+def test_curvature_along_a_step_is_the_dense_rayleigh_quotient(problem):
+    """u^T F u / u^T u against the dense F, for the gradient and a random
+    direction; invariant to the direction's scale and sign."""
+    params, model, loss, args, Fd, unravel, g = problem
+    with jax.enable_x64(True):
+        fvp = jax.jit(fisher.fisher_vector_product(model, params, *args, loss_fn=loss))
+        u = np.random.default_rng(1).normal(size=Fd.shape[0])
+        for v in (_flat(g), u):
+            want = v @ Fd @ v / (v @ v)
+            np.testing.assert_allclose(fisher.curvature_along(unravel(v), fvp), want,
+                                       rtol=1e-10)
+            np.testing.assert_allclose(fisher.curvature_along(unravel(-3.0 * v), fvp), want,
+                                       rtol=1e-10)
+
+
+def test_squared_norm_shares_by_group():
+    """Groups named from the path; each share is the group's sum of squares
+    over the total (by hand: 1+4 = 5, 9, 16+0 = 16 of 30)."""
+    tree = {"layer": {"lora_A": {"kernel": jnp.array([1.0, 2.0])},
+                      "lora_B": {"kernel": jnp.array([[3.0]])}},
+            "classifier": {"kernel": jnp.array([4.0]), "bias": jnp.array([0.0])}}
+    shares = fisher.squared_norm_shares(tree, lambda path: path[-2])
+    assert set(shares) == {"lora_A", "lora_B", "classifier"}
+    np.testing.assert_allclose([shares["lora_A"], shares["lora_B"], shares["classifier"]],
+                               [5 / 30, 9 / 30, 16 / 30], rtol=1e-6)
+    merged = fisher.squared_norm_shares(tree, lambda path: "all")
+    np.testing.assert_allclose(merged["all"], 1.0, rtol=1e-6)

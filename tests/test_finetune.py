@@ -214,6 +214,11 @@ def test_fisher_family_optimizers_and_gamma_logging(folders, tmp_path):
     recs = [r for r in read_log(sgd.output_dir) if r["kind"] == "train"]
     assert [r["gamma"] for r in recs] == pytest.approx([1.0, 1.0], rel=1e-4)
     assert all(r["imbalance"] >= 1.0 for r in recs)
+    for r in recs:  # where the step goes: LoRA's two factors and the head
+        shares = {k: v for k, v in r.items() if k.startswith("share_")}
+        assert set(shares) == {"share_lora_A", "share_lora_B", "share_classifier"}, r
+        assert sum(shares.values()) == pytest.approx(1.0, rel=1e-5)
+        assert np.isfinite(r["step_curvature"]) and r["step_curvature"] > 0
     for opt in ("ef", "ief", "sf"):
         res = train(_cfg(folders, tmp_path / opt, optimizer=opt, clip="post", steps=4,
                          log_every=2, log_gamma=True, learning_rate=0.05,

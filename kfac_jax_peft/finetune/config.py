@@ -211,9 +211,12 @@ class TrainConfig:
             parameters that is first-order.
         hizoo_smooth: HiZOO's moving-average constant of Sigma (1e-8, as
             its reference code).
-        log_gamma: also log, at every log step, the gamma indicator of the
-            step's direction relative to SGD's (below 1: closer to the
-            natural gradient) and the per-sample gradient-norm imbalance.
+        log_gamma: also log, at every log step, indicators of the step's
+            direction: gamma relative to SGD's (below 1: closer to the
+            natural gradient), the per-sample gradient-norm imbalance, the
+            exact curvature along the step (step_curvature, to compare
+            with the damping) and the share of its squared norm in each
+            trainable module (share_lora_A, share_lora_B, ...).
 
     Loop:
         steps: training steps.

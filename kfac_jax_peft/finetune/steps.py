@@ -23,8 +23,8 @@ whatever the optimizer; what differs between optimizers is which of the
   seed and the step number.
 
 ``eval_step(trainable, fixed, batch)`` returns predictions, and
-``diagnose(state, fixed, batch)`` the gamma indicator and gradient-norm
-imbalance of the direction the chain would take (nothing is updated).
+``diagnose(state, fixed, batch)`` indicators of the direction the chain
+would take (nothing is updated): :func:`_make_diagnose`.
 
 Determinism: the dropout key of a step is ``fold_in(state.rng,
 state.step)``, with ``state.rng = PRNGKey(seed)`` for the whole run, so it
@@ -74,7 +74,7 @@ class Steps(NamedTuple):
     """The un-jitted step functions of a run (see the module docstring):
     ``train[kind](state, fixed, batch) -> (state, loss)`` for each kind the
     optimizer uses, ``eval(trainable, fixed, batch) -> predictions``,
-    ``diagnose(state, fixed, batch) -> (gamma, imbalance)``."""
+    ``diagnose(state, fixed, batch) -> {name: scalar}``."""
 
     train: Mapping[str, Callable]
     eval: Callable
@@ -257,11 +257,19 @@ def _step_rng(state: TrainState) -> jax.Array:
 def _make_diagnose(model: TaskModel, tx: optax.GradientTransformation,
                    per_sample: str | None, per_sample_fn: Callable,
                    objective_loss: Callable | None = None) -> Callable:
-    """``diagnose(state, fixed, batch) -> (gamma, imbalance)``: the gamma
-    indicator of the direction the chain would take on ``batch``, relative
-    to SGD's (:mod:`kfac_jax_peft.fisher`; the curvature is the Gauss-Newton
-    matrix of the training loss, i.e. the Fisher for cross-entropy), and the
-    ratio of the largest to the smallest per-sample gradient norm.
+    """``diagnose(state, fixed, batch) -> {name: scalar}``, of the direction
+    ``d`` the chain would take on ``batch`` (the curvature ``F`` is the
+    Gauss-Newton matrix of the training loss, i.e. the Fisher for
+    cross-entropy; :mod:`kfac_jax_peft.fisher`):
+
+    * ``gamma``: the gamma indicator of ``d`` relative to SGD's;
+    * ``imbalance``: the largest over the smallest per-sample gradient norm;
+    * ``step_curvature``: ``d^T F d / d^T d``, the exact curvature along the
+      step (compare it with the damping);
+    * ``share_<group>``: the share of ``||d||^2`` in each group of trainable
+      leaves: ``lora_A``, ``lora_B``, the adapters' ``down`` and ``up``, and
+      the head (``classifier``); :func:`_leaf_group`.
+
     ``objective_loss``: the steps' ``loss_fn``, when the chain takes
     ``obj_fn`` and GNB's arguments (here without dropout, like the gradient)."""
     from kfac_jax_peft import fisher
@@ -279,10 +287,23 @@ def _make_diagnose(model: TaskModel, tx: optax.GradientTransformation,
         direction, _ = tx.update(grads, state.opt_state, state.trainable, **step_extras)
         fvp = fisher.fisher_vector_product(_model_fn(model), *args,
                                            loss_fn=_example_loss(model))
-        return (fisher.gamma_relative_to_sgd(direction, grads, fvp),
-                fisher.gradient_norm_imbalance(extras["per_sample_grads"]))
+        shares = fisher.squared_norm_shares(direction, _leaf_group)
+        return {"gamma": fisher.gamma_relative_to_sgd(direction, grads, fvp),
+                "imbalance": fisher.gradient_norm_imbalance(extras["per_sample_grads"]),
+                "step_curvature": fisher.curvature_along(direction, fvp),
+                **{f"share_{name}": v for name, v in sorted(shares.items())}}
 
     return diagnose
+
+
+def _leaf_group(path: tuple) -> str:
+    """The group of a trainable leaf: its PEFT module (``lora_A``, ``lora_B``,
+    an adapter's ``down`` or ``up``) wherever it sits, else the top-level
+    module that holds it (the head: ``classifier``)."""
+    for name in reversed(path[:-1]):
+        if name in ("lora_A", "lora_B", "down", "up"):
+            return name
+    return path[0]
 
 
 # per-example forms for kfac_jax_peft.fisher (the frozen weights broadcast)

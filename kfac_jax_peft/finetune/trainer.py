@@ -375,11 +375,12 @@ def _train_until(run: _Run, state: TrainState, start: int, end: int) -> TrainSta
 
 
 def _diagnose(run: _Run, state: TrainState, batch: dict) -> dict[str, float]:
-    """The gamma indicator and gradient-norm imbalance of the direction this
-    step is about to take (one device only), outside the clock."""
+    """The indicators of the direction this step is about to take (one
+    device only; :func:`~kfac_jax_peft.finetune.steps._make_diagnose`),
+    outside the clock."""
     with run.clock.paused(state):
-        gamma, imbalance = run.place.get(run.diagnose(state, run.fixed, batch))
-    return {"gamma": float(gamma), "imbalance": float(imbalance)}
+        values = run.place.get(run.diagnose(state, run.fixed, batch))
+    return {k: float(v) for k, v in values.items()}
 
 
 def _log_train(run: _Run, state: TrainState, window: list, diag: dict, done: int) -> None:

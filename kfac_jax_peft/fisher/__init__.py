@@ -12,19 +12,22 @@
   or EKFAC factors, DataInf, or exact (:mod:`kfac_jax_peft.fisher.influence`);
   :func:`influence_top_k`;
 * :func:`fisher_vector_product`, :func:`gamma`, :func:`gamma_relative_to_sgd`,
-  :func:`gradient_norm_imbalance`: the paper's indicators.
+  :func:`gradient_norm_imbalance`: the paper's indicators;
+  :func:`curvature_along`, :func:`squared_norm_shares`: where a step goes.
 
 Reference: Wu et al., "An Improved Empirical Fisher Approximation for
 Natural Gradient Descent", NeurIPS 2024, and its supporting material.
 """
 
 from kfac_jax_peft.fisher.diagnostics import (
+    curvature_along,
     fisher_vector_product,
     gamma,
     gamma_ratios,
     gamma_relative_to_sgd,
     gradient_norm_imbalance,
     per_sample_grad_norms,
+    squared_norm_shares,
 )
 from kfac_jax_peft.fisher.influence import METHODS as INFLUENCE_METHODS
 from kfac_jax_peft.fisher.influence import Influence, influence
@@ -53,6 +56,8 @@ __all__ = [
     "ef_precondition",
     "fisher_vector_product",
     "gamma",
+    "curvature_along",
+    "squared_norm_shares",
     "gamma_ratios",
     "gamma_relative_to_sgd",
     "gradient_norm_imbalance",

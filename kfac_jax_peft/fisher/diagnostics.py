@@ -28,6 +28,14 @@ loss with respect to the outputs (the GGN of any loss).
 
 **Gradient-norm imbalance**: ``max_n ||grad l_n|| / min_n ||grad l_n||`` in a
 batch, the quantity that drives EF's inversely-scaled projection.
+
+**Where a step goes.** :func:`curvature_along` is the Rayleigh quotient
+``u^T F u / u^T u``, the curvature the exact ``F`` has along ``u`` (also
+scale-invariant): far below a preconditioner's damping, the step lies
+mostly where the damping, not the curvature, set its length.
+:func:`squared_norm_shares` splits ``||u||^2`` over groups of leaves (for
+example LoRA's ``lora_A``, ``lora_B`` and the head), which shows where a
+norm-clipped step spends its fixed length.
 """
 
 from __future__ import annotations
@@ -98,6 +106,33 @@ def gamma(update, grads, fvp: Callable) -> jax.Array:
     """``sqrt(u^T F u) / |u^T g|`` (module doc); ``fvp`` from :func:`fisher_vector_product`."""
     quad = _vdot(update, fvp(update))
     return jnp.sqrt(jnp.abs(quad)) / jnp.abs(_vdot(update, grads))
+
+
+def curvature_along(update, fvp: Callable) -> jax.Array:
+    """``u^T F u / u^T u``: the exact curvature along ``u`` (module doc)."""
+    return _vdot(update, fvp(update)) / _vdot(update, update)
+
+
+def squared_norm_shares(tree, group: Callable[[tuple], str]) -> dict:
+    """``{name: ||u_name||^2 / ||u||^2}``: the share of the squared norm of
+    ``tree`` in each group of leaves, ``group(path)`` naming the group of
+    the leaf at ``path`` (a tuple of keys as strings). The shares sum to 1;
+    they are ``nan`` for an all-zero tree."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    sums: dict[str, jax.Array] = {}
+    for path, leaf in flat:
+        name = group(tuple(_key_name(k) for k in path))
+        sq = jnp.sum(jnp.square(leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))))
+        sums[name] = sums.get(name, 0.0) + sq
+    total = sum(sums.values())
+    return {name: sq / total for name, sq in sums.items()}
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
 def gamma_relative_to_sgd(update, grads, fvp: Callable) -> jax.Array:
