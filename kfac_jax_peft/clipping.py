@@ -9,10 +9,20 @@ the preconditioned (Newton) step, the paper's *Newton-step* or
 and ``optax.chain(clip_by_update_norm(tau), kfac_precondition(...), ...)``
 clips the gradient before preconditioning (*pre-clipping*), which bounds
 ``||g||`` but not ``||F^-1 g||``.
+
+**Clipping by group** (``clip_by_update_norm(tau, group=...)``). One global
+norm lets the largest block of the update decide the length of every
+other: after K-FAC on a LoRA model the head's block can hold 90% or more
+of ``||u||^2`` early in training (measured on all-MiniLM-L6-v2, SST-2), so
+a clipped step barely moves the LoRA weights. With ``group``, a function
+naming the group of each leaf from its path, every group is clipped to
+``tau`` on its own (:func:`module_group`: LoRA's ``lora_A``, ``lora_B``,
+the adapters' ``down``/``up``, the head; :func:`layer_group`: each layer).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from typing import NamedTuple
 
 import jax
@@ -61,6 +71,15 @@ def _compute_dtype(leaves):
     return jnp.result_type(jnp.float32, *[x.dtype for x in leaves])
 
 
+def _div(x, m):
+    """``x / m`` for ``m > 0``, also where ``1 / m`` is subnormal: XLA computes
+    a division as a multiplication by the reciprocal, which flushes to zero
+    for ``m`` above ``1 / tiny`` (about 8.5e37 in float32) and would turn
+    every ``x / m`` into 0; two factors ``m^-1/2`` stay normal."""
+    r = jax.lax.rsqrt(m)
+    return (x * r) * r
+
+
 def _scaled_sq_norm(leaves, dtype):
     """``(m, s)`` with ``||u||_2 = m sqrt(s)``: ``m = max_i |u_i|`` and ``s =
     sum_i (u_i / m)^2``, so nothing overflows whatever the leaves' dtype
@@ -70,7 +89,7 @@ def _scaled_sq_norm(leaves, dtype):
     for x in leaves:
         m = jnp.maximum(m, jnp.max(jnp.abs(x.astype(dtype)), initial=0.0))
     safe = jnp.where(jnp.isfinite(m) & (m > 0), m, 1.0)
-    s = sum((jnp.sum(jnp.square(x.astype(dtype) / safe)) for x in leaves),
+    s = sum((jnp.sum(jnp.square(_div(x.astype(dtype), safe))) for x in leaves),
             jnp.zeros((), dtype))
     return m, s
 
@@ -83,26 +102,36 @@ def _next(state: ClipState, norm, clipped, skipped) -> ClipState:
                      state.num_skipped + skipped.astype(jnp.int32))
 
 
-def clip_by_update_norm(max_norm: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
-    """Scale the whole update tree to global L2 norm at most ``max_norm``.
+def clip_by_update_norm(max_norm: optax.ScalarOrSchedule, *,
+                        group: Callable[[tuple[str, ...]], Hashable] | None = None,
+                        ) -> optax.GradientTransformationExtraArgs:
+    """Scale the update to L2 norm at most ``max_norm``, globally or by group.
 
     ``u <- u * min(1, max_norm / ||u||_2)`` with ``||u||_2`` the norm over all
     leaves. Placed after ``kfac_precondition`` it is Newton-step clipping,
-    before it gradient clipping.
+    before it gradient clipping. With ``group``, the leaves are split into
+    groups by ``group(path)`` (``path`` the leaf's keys as strings, e.g.
+    ``("encoder", "layer_0", "query", "lora_A", "kernel")``) and each group
+    ``u_k`` becomes ``u_k * min(1, max_norm / ||u_k||_2)`` on its own, so
+    the whole update is at most ``sqrt(K) max_norm`` long for ``K`` groups
+    (module doc: why).
 
-    The norm is computed without overflow in any dtype (float16 and
+    The norms are computed without overflow in any dtype (float16 and
     bfloat16 leaves in float32; as ``m sqrt(sum (u/m)^2)`` with ``m`` the
     largest magnitude), and a clipped leaf is ``(u / m) (max_norm /
     sqrt(sum (u/m)^2))``, so a finite update is always bounded, however
     large. An update with a non-finite entry cannot be bounded: it becomes
-    zero (the step is skipped), counted in ``num_skipped`` of the state.
+    zero, all of it (the step is skipped), counted in ``num_skipped`` of the
+    state.
 
     Args:
       max_norm: the threshold ``tau > 0`` (float, array or schedule of ``count``).
+      group: ``path -> name`` (any hashable); ``None``: one global norm.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      :class:`ClipState`.
+      :class:`ClipState` (``norm``: the global norm before clipping;
+      ``clipped``: whether any group was scaled down).
     """
     H.check_scalar("max_norm", max_norm, low=0.0, low_open=True)
 
@@ -112,30 +141,80 @@ def clip_by_update_norm(max_norm: optax.ScalarOrSchedule) -> optax.GradientTrans
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        leaves = jax.tree_util.tree_leaves(updates)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        leaves = [leaf for _, leaf in flat]
+        if not leaves:
+            return updates, _next(state, jnp.zeros(()), jnp.asarray(False), jnp.asarray(False))
         dtype = _compute_dtype(leaves)
         tau = jnp.asarray(H.resolve(max_norm, state.count), dtype)
-        m, s = _scaled_sq_norm(leaves, dtype)
-        finite = jnp.isfinite(m)
-        m_safe = jnp.where(finite & (m > 0), m, 1.0)
-        norm = m_safe * jnp.sqrt(s)
-        root = jnp.sqrt(s)
-        clipped = finite & (m > 0) & (root > tau / m_safe)  # ||u|| > tau, without overflow
-        factor = tau / jnp.where(clipped, root, 1.0)
-
-        def leaf(u):
-            x = u.astype(dtype)
-            out = jnp.where(clipped, (x / m_safe) * factor, x)
-            return jnp.where(finite, out, jnp.zeros_like(out)).astype(u.dtype)
-
-        new = jax.tree_util.tree_map(leaf, updates)
-        return new, _next(state, norm, clipped, ~finite)
+        names = [None if group is None else group(path_names(path)) for path, _ in flat]
+        out = list(leaves)
+        scaled, finite, clipped = [], jnp.asarray(True), jnp.asarray(False)
+        for name in dict.fromkeys(names):
+            members = [i for i, n in enumerate(names) if n == name]
+            m, s = _scaled_sq_norm([leaves[i] for i in members], dtype)
+            ok = jnp.isfinite(m)
+            m_safe = jnp.where(ok & (m > 0), m, 1.0)
+            root = jnp.sqrt(s)
+            cut = ok & (m > 0) & (root > tau / m_safe)  # ||u_k|| > tau, without overflow
+            factor = tau / jnp.where(cut, root, 1.0)
+            for i in members:
+                x = leaves[i].astype(dtype)
+                out[i] = jnp.where(cut, _div(x, m_safe) * factor, x)
+            scaled.append((m_safe, s))
+            finite, clipped = finite & ok, clipped | cut
+        # the global norm from the groups' (m_k, s_k), without overflow
+        top = jnp.max(jnp.stack([m for m, _ in scaled]))
+        norm = top * jnp.sqrt(sum(jnp.square(_div(m, top)) * s for m, s in scaled))
+        new = [jnp.where(finite, x, jnp.zeros_like(x)).astype(leaf.dtype)
+               for x, leaf in zip(out, leaves, strict=True)]
+        return (jax.tree_util.tree_unflatten(treedef, new),
+                _next(state, norm, clipped & finite, ~finite))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def path_names(path) -> tuple[str, ...]:
+    """A ``jax.tree_util`` key path as a tuple of strings."""
+    names = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                names.append(str(getattr(key, attr)))
+                break
+        else:
+            names.append(str(key))
+    return tuple(names)
+
+
+#: The PEFT modules :func:`module_group` names wherever they sit.
+PEFT_MODULE_NAMES = ("lora_A", "lora_B", "down", "up")
+
+
+def module_group(path: tuple[str, ...]) -> str:
+    """The kind of module a leaf belongs to: its PEFT module (``lora_A``,
+    ``lora_B``, an adapter's ``down`` or ``up``) wherever it sits, else the
+    top-level module that holds it (the head: ``classifier``)."""
+    for name in reversed(path[:-1]):
+        if name in PEFT_MODULE_NAMES:
+            return name
+    return path[0]
+
+
+def layer_group(path: tuple[str, ...]) -> str:
+    """The layer a leaf belongs to: its path without the parameter's own name
+    (a kernel and its bias together)."""
+    return "/".join(path[:-1]) or path[-1]
+
+
+#: ``clip_scope`` -> the ``group`` of :func:`clip_by_update_norm`.
+CLIP_SCOPES = {"global": None, "module": module_group, "layer": layer_group}
+
+
 def clipped(preconditioner: optax.GradientTransformation, clip: str,
-            max_norm: optax.ScalarOrSchedule | None) -> optax.GradientTransformationExtraArgs:
+            max_norm: optax.ScalarOrSchedule | None, *,
+            group: Callable[[tuple[str, ...]], Hashable] | None = None,
+            ) -> optax.GradientTransformationExtraArgs:
     """A preconditioner with the update clipped where the paper puts it::
 
         "post": preconditioner -> clip_by_update_norm(max_norm)   (Newton-step clipping)
@@ -145,13 +224,14 @@ def clipped(preconditioner: optax.GradientTransformation, clip: str,
     The one place where the order is decided: :func:`~kfac_jax_peft.kfac`,
     the pipeline and the demo build their chains with it. Pass
     ``optax.identity()`` as ``preconditioner`` for a first-order method.
+    ``group``: clip each group of leaves on its own (:func:`clip_by_update_norm`).
     """
     H.check_choice("clip", clip, CLIP_MODES)
     if clip == "none":
         return optax.chain(preconditioner)
     if max_norm is None:
         raise ValueError(f"clip={clip!r} needs max_norm (or clip='none')")
-    cut = clip_by_update_norm(max_norm)
+    cut = clip_by_update_norm(max_norm, group=group)
     return optax.chain(preconditioner, cut) if clip == "post" else optax.chain(cut, preconditioner)
 
 
@@ -208,16 +288,18 @@ def clip_by_fisher_norm(max_sq_norm: optax.ScalarOrSchedule,
         mg, _ = _scaled_sq_norm(leaves_g, dtype)
         finite = jnp.isfinite(mu) & jnp.isfinite(mg)
         su, sg = (jnp.where(finite & (x > 0), x, 1.0) for x in (mu, mg))
-        dot = jnp.abs(sum((jnp.sum((u.astype(dtype) / su) * (g.astype(dtype) / sg))
+        dot = jnp.abs(sum((jnp.sum(_div(u.astype(dtype), su) * _div(g.astype(dtype), sg))
                            for u, g in zip(leaves_u, leaves_g)), jnp.zeros((), dtype)))
         tiny = jnp.finfo(dtype).tiny
         log_sq = (2 * jnp.log(jnp.abs(eta) + tiny) + jnp.log(su) + jnp.log(sg)
                   + jnp.log(dot + tiny))
         clipped = finite & (dot > 0) & (log_sq > jnp.log(kappa))
-        factor = jnp.where(clipped, jnp.exp(0.5 * (jnp.log(kappa) - log_sq)), 1.0)
+        # applied as two factors: the factor itself is subnormal (flushed to
+        # zero) for an update above ~1e19 per entry in float32
+        half = jnp.where(clipped, jnp.exp(0.25 * (jnp.log(kappa) - log_sq)), 1.0)
 
         def leaf(u):
-            out = u.astype(dtype) * factor
+            out = (u.astype(dtype) * half) * half
             return jnp.where(finite, out, jnp.zeros_like(out)).astype(u.dtype)
 
         norm = jnp.exp(0.5 * jnp.minimum(log_sq, 2 * jnp.log(jnp.asarray(_F32_MAX, dtype))))

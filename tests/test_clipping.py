@@ -81,11 +81,14 @@ def test_clip_threshold_schedule_and_nonfinite_norm():
     assert float(state.norm) == 4.0  # the last finite norm; nothing non-finite is stored
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_clip_norm_cannot_overflow(dtype):
+@pytest.mark.parametrize("dtype,big", [("float16", 300.0), ("bfloat16", 1e30),
+                                       ("float32", 2.6e34), ("float32", 1e38)])
+def test_clip_norm_cannot_overflow(dtype, big):
     """The sum of squares overflows the leaf dtype (float16 above a norm of
-    256, float32 above ~1.8e19 per entry); the clip must still bound the step."""
-    big = {"float16": 300.0, "bfloat16": 1e30, "float32": 2.6e34}[dtype]
+    256, float32 above ~1.8e19 per entry); the clip must still bound the step.
+    1e38: the reciprocal of the largest entry is subnormal (XLA divides by
+    multiplying with it, flushed to zero, which once let this update through
+    unclipped)."""
     tx = kp.clip_by_update_norm(1.0)
     u = {"w": jnp.full((4,), big, dtype), "b": jnp.full((2, 3), -big / 2, dtype)}
     out, state = jax.jit(tx.update)(u, tx.init(u))
@@ -100,11 +103,13 @@ def test_clip_norm_cannot_overflow(dtype):
                                rtol=1e-6)
 
 
-def test_fisher_norm_clip_cannot_overflow():
-    u = {"w": jnp.full((4,), 1e30, jnp.float32)}  # <u, g> = 4e60: inf in float32
+@pytest.mark.parametrize("big", [1e30, 1e38])
+def test_fisher_norm_clip_cannot_overflow(big):
+    u = {"w": jnp.full((4,), big, jnp.float32)}  # <u, g> = 4e60: inf in float32
     out, state = kp.clip_by_fisher_norm(1.0).update(u, kp.clip_by_fisher_norm(1.0).init(u),
                                                     grads=u)
-    np.testing.assert_allclose(np.asarray(out["w"]), np.full(4, 0.5), rtol=1e-5)  # sqrt(1/4)
+    # sqrt(1 / <u, g>) u = u / (2 big); at 1e38 the factor 5e-39 is subnormal
+    np.testing.assert_allclose(np.asarray(out["w"]), np.full(4, 0.5), rtol=1e-5)
     assert bool(state.clipped) and np.isfinite(float(state.norm))
     bad = {"w": jnp.array([jnp.nan, 1.0])}
     out, state = kp.clip_by_fisher_norm(1.0).update(bad, state, grads=bad)
@@ -163,3 +168,86 @@ def test_convenience_optimizer_orders():
             assert n > 0.1
     with pytest.raises(ValueError, match="unknown clip 'middle'"):
         kp.kfac(0.1, clip="middle")
+
+
+def _lora_tree(scale_head=1.0, dtype=jnp.float32):
+    rng = np.random.default_rng(3)
+    mk = lambda *s: jnp.asarray(rng.normal(size=s), dtype)  # noqa: E731
+    return {"encoder": {"layer_0": {"query": {"lora_A": {"kernel": mk(6, 2)},
+                                              "lora_B": {"kernel": mk(2, 6)}},
+                                    "value": {"lora_A": {"kernel": mk(6, 2)},
+                                              "lora_B": {"kernel": mk(2, 6)}}}},
+            "classifier": {"dense": {"kernel": mk(6, 6) * scale_head, "bias": mk(6) * scale_head},
+                           "out_proj": {"kernel": mk(6, 2), "bias": mk(2)}}}
+
+
+def _numpy_group_clip(tree, tau, group):
+    """Per-group clip by hand: the group's flat vector times min(1, tau / norm)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    names = [group(kp.clipping.path_names(p)) for p, _ in flat]
+    norms = {n: np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2)
+                            for m, (_, x) in zip(names, flat) if m == n)) for n in set(names)}
+    out = [np.asarray(x, np.float64) * min(1.0, tau / norms[n]) for n, (_, x) in zip(names, flat)]
+    return out, norms
+
+
+@pytest.mark.parametrize("group", ["module", "layer"])
+def test_clip_by_group_clips_each_group_on_its_own(group):
+    """Each group scaled to norm tau on its own (against a float64 loop by
+    hand); the state keeps the global norm before clipping."""
+    fn = kp.clipping.CLIP_SCOPES[group]
+    tree = _lora_tree(scale_head=10.0)
+    tau = 2.0
+    tx = kp.clip_by_update_norm(tau, group=fn)
+    out, state = tx.update(tree, tx.init(tree))
+    want, norms = _numpy_group_clip(tree, tau, fn)
+    for got, w in zip(jax.tree_util.tree_leaves(out), want, strict=True):
+        np.testing.assert_allclose(np.asarray(got), w, rtol=2e-6, atol=1e-7)
+    if group == "module":
+        assert set(norms) == {"lora_A", "lora_B", "classifier"}
+    else:  # one group per layer: a kernel with its bias
+        assert "classifier/dense" in norms and len(norms) == 6
+    total = np.sqrt(sum(v ** 2 for v in norms.values()))
+    np.testing.assert_allclose(float(state.norm), total, rtol=1e-6)
+    assert bool(state.clipped) and int(state.num_clipped) == 1
+    # a group below the threshold is untouched: here every group but the head's
+    big = max(norms.values())
+    tx = kp.clip_by_update_norm(big * 0.5, group=fn)
+    out = tx.update(tree, tx.init(tree))[0]
+    for got, (path, x) in zip(jax.tree_util.tree_leaves(out),
+                              jax.tree_util.tree_flatten_with_path(tree)[0], strict=True):
+        if norms[fn(kp.clipping.path_names(path))] <= big * 0.5:
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(x))
+
+
+def test_clip_by_group_with_one_group_is_the_global_clip():
+    tree = _lora_tree()
+    a = kp.clip_by_update_norm(1.5)
+    b = kp.clip_by_update_norm(1.5, group=lambda path: "all")
+    (ua, sa), (ub, sb) = a.update(tree, a.init(tree)), b.update(tree, b.init(tree))
+    for x, y in zip(jax.tree_util.tree_leaves(ua), jax.tree_util.tree_leaves(ub), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert float(sa.norm) == float(sb.norm)
+
+
+def test_clip_by_group_cannot_overflow_and_skips_a_nonfinite_update():
+    """A group of norm far above the float32 maximum is still cut to tau
+    exactly, the others are untouched; a non-finite entry in any group zeroes
+    the whole update and is counted as skipped."""
+    tree = _lora_tree()
+    tree["classifier"]["dense"]["kernel"] = jnp.full((6, 6), 1e38, jnp.float32)  # norm 6e38
+    tx = kp.clip_by_update_norm(1.0, group=kp.clipping.module_group)
+    out, state = tx.update(tree, tx.init(tree))
+    head = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(out["classifier"])])
+    assert np.all(np.isfinite(head))
+    np.testing.assert_allclose(np.linalg.norm(head.astype(np.float64)), 1.0, rtol=1e-5)
+    _, want = _numpy_group_clip(_lora_tree(), 1.0, kp.clipping.module_group)
+    got_a = np.concatenate([np.ravel(out["encoder"]["layer_0"][m]["lora_A"]["kernel"])
+                            for m in ("query", "value")])
+    np.testing.assert_allclose(np.linalg.norm(got_a), min(1.0, want["lora_A"]), rtol=1e-6)
+    assert float(state.norm) == pytest.approx(float(jnp.finfo(jnp.float32).max))
+    tree["encoder"]["layer_0"]["query"]["lora_B"]["kernel"] = \
+        tree["encoder"]["layer_0"]["query"]["lora_B"]["kernel"].at[0, 0].set(jnp.nan)
+    out, state = tx.update(tree, state)
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree_util.tree_leaves(out))
+    assert int(state.num_skipped) == 1 and int(state.num_clipped) == 2

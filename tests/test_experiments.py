@@ -5,6 +5,7 @@ scripts at their defaults."""
 from __future__ import annotations
 
 import importlib
+import json
 import pathlib
 import sys
 
@@ -73,17 +74,24 @@ def test_paper_protocol_tunes_then_runs_seeds(common_args, tmp_path):
     out = tmp_path / "protocol"
     args = common_args + ["--tasks", "rte", "--seeds", "0", "1", "--adamw-lr", "1e-3",
                           "--kfac-lr", "0.1", "--kfac-damping", "1e-3", "1e-2",
-                          "--out", str(out)]
+                          "--kfac-variants", "adaptive", "--out", str(out)]
     assert module.main(args) == 0
     report = (out / "results.md").read_text()
     assert "## rte" in report and "kfac_lr0.1_clip1_damp0.01" in report
     assert "clip rate by thirds" in report and "nan" not in report.lower()
     grid = sorted(p.name for p in (out / "rte" / "grid").iterdir())
-    assert grid == ["adamw_lr0.001_clip1", "kfac_lr0.1_clip1_damp0.001",
-                    "kfac_lr0.1_clip1_damp0.01"]
+    assert grid[:3] == ["adamw_lr0.001_clip1", "kfac_lr0.1_clip1_damp0.001",
+                        "kfac_lr0.1_clip1_damp0.01"]
+    # the adaptive variant at the better of the two dampings (learning rate 1: the
+    # quadratic model's own step)
+    assert len(grid) == 4 and grid[3].startswith("kfac_lr1_clip1_damp0.0")
+    assert grid[3].endswith("_adaptive"), grid
+    variant = json.loads((out / "rte" / "grid" / grid[3] / "config.json").read_text())
+    assert variant["adaptive_damping"] and variant["adaptive_step"], variant
     for arm in ("adamw", "kfac"):  # seed 0 is its own run of the tuned point, seed 1 too
-        assert sorted(p.name for p in (out / "rte" / "seeds" / arm).iterdir()) == [
-            "seed0", "seed1"]
+        (point,) = (out / "rte" / "seeds" / arm).iterdir()  # named after the tuned point
+        assert point.name in grid
+        assert sorted(p.name for p in point.iterdir()) == ["seed0", "seed1"]
     # a second call reads every finished run back
     before = sorted(str(p) for p in out.rglob("results.json"))
     assert module.main(args) == 0

@@ -43,6 +43,8 @@ PER_SAMPLE = ("ef", "ief", "sf")
 #: the logits and the loss of the logits, for Sophia's GNB estimator).
 TAKES_OBJECTIVE = ("sophia",)
 CLIP_MODES = ("post", "pre", "none")
+#: What one clipping norm covers (kfac_jax_peft.clipping.CLIP_SCOPES).
+CLIP_SCOPES = ("global", "module", "layer")
 #: Sophia's Hessian-diagonal estimators (kfac_jax_peft.finetune.sophia).
 SOPHIA_ESTIMATORS = ("hutchinson", "gnb")
 PEFT_METHODS = ("lora", "houlsby", "pfeiffer", "head")
@@ -148,6 +150,9 @@ class TrainConfig:
         learning_rate: the peak learning rate (linear warm-up, then linear
             decay to 0 at the last step).
         max_norm: the clipping threshold (an L2 norm).
+        clip_scope: what one norm covers: global (the whole update, the
+            paper), module (each kind of module on its own: lora_A, lora_B,
+            the head, ...) or layer (each layer on its own).
         weight_decay: decoupled weight decay on matrices (not biases or
             LayerNorm scales).
         warmup_ratio: the fraction of the steps spent warming up the
@@ -259,6 +264,7 @@ class TrainConfig:
     dropout: float | None = None
     optimizer: str = "kfac"
     clip: str = "post"
+    clip_scope: str = "global"
     learning_rate: float = 0.05
     max_norm: float = 1.0
     weight_decay: float = 1e-4
@@ -434,6 +440,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
 _PATHS = ("model", "data_dir", "output_dir")
 
 _CHOICES = {"peft": PEFT_METHODS, "optimizer": OPTIMIZERS, "clip": CLIP_MODES,
+            "clip_scope": CLIP_SCOPES,
             "damping_mode": DAMPING_MODES, "damping_scale": DAMPING_SCALES,
             "fisher_damping_scale": FISHER_DAMPING_SCALES,
             "sophia_estimator": SOPHIA_ESTIMATORS}
@@ -537,6 +544,9 @@ def _validate_across(cfg: TrainConfig) -> None:
     if cfg.optimizer == "adamw" and cfg.clip == "post":
         raise ConfigError("clip", "must be 'pre' or 'none' with optimizer 'adamw', got 'post' "
                           "(post-clipping is K-FAC's Newton-step clipping)")
+    if cfg.clip_scope != "global" and cfg.clip == "none":
+        raise ConfigError("clip_scope", f"must be 'global' with clip 'none' (nothing is "
+                          f"clipped), got {cfg.clip_scope!r}")
     _validate_sophia(cfg)
     if cfg.optimizer == "kfac" and cfg.damping_mode == "ekfac":
         stats_every = cfg.invert_every if cfg.stats_every is None else cfg.stats_every

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kfac_jax_peft.clipping import clipped
+from kfac_jax_peft.clipping import CLIP_SCOPES, clipped
 from kfac_jax_peft.finetune.config import TRACED, ZEROTH_ORDER, TrainConfig
 from kfac_jax_peft.kfac.transform import kfac_precondition
 
@@ -70,11 +70,14 @@ def build_optimizer(cfg: TrainConfig, *, input_groups=None, traced: bool = True
                 adaptive_damping: the whole chain inside adaptive_damping)
 
     The clip is placed by :func:`kfac_jax_peft.clipping.clipped` (its state
-    records the clip rate). For SGD, ``"post"`` and ``"pre"`` both clip the
-    gradient (there is no preconditioner); ``"post"`` is refused for AdamW
-    and Sophia (which clips each coordinate itself). Sophia's ``update``
-    needs the extra argument ``obj_fn`` (Hutchinson) or ``logits_fn``,
-    ``gnb_loss_fn``, ``gnb_batch_size`` (GNB; :mod:`kfac_jax_peft.finetune.sophia`).
+    records the clip rate); ``cfg.clip_scope`` clips one global norm
+    (``"global"``) or each kind of module (``"module"``) or layer
+    (``"layer"``) on its own (:data:`kfac_jax_peft.clipping.CLIP_SCOPES`).
+    For SGD, ``"post"`` and ``"pre"`` both clip the gradient (there is no
+    preconditioner); ``"post"`` is refused for AdamW and Sophia (which
+    clips each coordinate itself). Sophia's ``update`` needs the extra
+    argument ``obj_fn`` (Hutchinson) or ``logits_fn``, ``gnb_loss_fn``,
+    ``gnb_batch_size`` (GNB; :mod:`kfac_jax_peft.finetune.sophia`).
     ``input_groups`` is passed to ``kfac_precondition`` when
     ``cfg.share_input_factors``. The chain reduces nothing over devices: the
     loop runs it under ``jax.jit`` over a device mesh, where the batch sums
@@ -108,7 +111,8 @@ def _chain(cfg: TrainConfig, h: dict, input_groups, always_decay: bool
     """The chain of :func:`build_optimizer` with hyperparameter values ``h``."""
     lr = learning_rate_schedule(cfg, h["learning_rate"])
     if cfg.optimizer == "adamw":
-        return optax.chain(clipped(optax.identity(), cfg.clip, h["max_norm"]),
+        return optax.chain(clipped(optax.identity(), cfg.clip, h["max_norm"],
+                           group=CLIP_SCOPES[cfg.clip_scope]),
                            optax.adamw(lr, weight_decay=h["weight_decay"], mask=decay_mask))
     if cfg.optimizer == "sophia":
         return _sophia_chain(cfg, h, lr)
@@ -116,11 +120,13 @@ def _chain(cfg: TrainConfig, h: dict, input_groups, always_decay: bool
     tail = ([optax.add_decayed_weights(h["weight_decay"], decay_mask)] if decays else []) \
         + [optax.scale_by_learning_rate(lr)]
     if cfg.optimizer == "sgd":
-        return optax.chain(clipped(optax.identity(), cfg.clip, h["max_norm"]), *tail)
+        return optax.chain(clipped(optax.identity(), cfg.clip, h["max_norm"],
+                           group=CLIP_SCOPES[cfg.clip_scope]), *tail)
     preconditioner = _preconditioner(cfg, h, input_groups)
     if cfg.adaptive_damping or cfg.adaptive_step:
         return _adaptive_chain(cfg, h, preconditioner, tail[:-1], lr)
-    return optax.chain(clipped(preconditioner, cfg.clip, h["max_norm"]), *tail)
+    return optax.chain(clipped(preconditioner, cfg.clip, h["max_norm"],
+                           group=CLIP_SCOPES[cfg.clip_scope]), *tail)
 
 
 def _adaptive_chain(cfg: TrainConfig, h: dict, preconditioner, decay: list, lr):
@@ -140,7 +146,8 @@ def _adaptive_chain(cfg: TrainConfig, h: dict, preconditioner, decay: list, lr):
     eta = None if cfg.adaptive_damping else h["damping"]
     step = (adaptive.scale_by_quadratic_model(lr, damping=eta, every=cfg.adaptive_every)
             if cfg.adaptive_step else optax.scale_by_learning_rate(lr))
-    inner = optax.chain(clipped(preconditioner, cfg.clip, h["max_norm"]), *decay, step)
+    inner = optax.chain(clipped(preconditioner, cfg.clip, h["max_norm"],
+                           group=CLIP_SCOPES[cfg.clip_scope]), *decay, step)
     if not cfg.adaptive_damping:
         return inner
     return adaptive.adaptive_damping(inner, h["damping"], every=cfg.adaptive_every)
@@ -169,6 +176,7 @@ def _sophia_chain(cfg: TrainConfig, h: dict, lr: optax.Schedule
     if cfg.clip == "post":
         raise ValueError("optimizer='sophia' supports clip='pre' (gradient clipping) or "
                          "'none'; Sophia clips each coordinate of its step itself")
-    return optax.chain(clipped(optax.identity(), cfg.clip, h["max_norm"]),
+    return optax.chain(clipped(optax.identity(), cfg.clip, h["max_norm"],
+                           group=CLIP_SCOPES[cfg.clip_scope]),
                        sophia_arm(cfg, lr, decay_mask,
                                   weight_decay=h["weight_decay"]))

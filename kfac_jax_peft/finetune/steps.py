@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import optax
 
 from kfac_jax_peft.capture import kfac_value_and_grad
+from kfac_jax_peft.clipping import module_group
 from kfac_jax_peft.finetune.config import PER_SAMPLE, ZEROTH_ORDER, TrainConfig
 from kfac_jax_peft.finetune.model import TaskModel
 from kfac_jax_peft.peft import merge_trainable
@@ -268,7 +269,7 @@ def _make_diagnose(model: TaskModel, tx: optax.GradientTransformation,
       step (compare it with the damping);
     * ``share_<group>``: the share of ``||d||^2`` in each group of trainable
       leaves: ``lora_A``, ``lora_B``, the adapters' ``down`` and ``up``, and
-      the head (``classifier``); :func:`_leaf_group`.
+      the head (``classifier``); :func:`kfac_jax_peft.clipping.module_group`.
 
     ``objective_loss``: the steps' ``loss_fn``, when the chain takes
     ``obj_fn`` and GNB's arguments (here without dropout, like the gradient)."""
@@ -287,23 +288,13 @@ def _make_diagnose(model: TaskModel, tx: optax.GradientTransformation,
         direction, _ = tx.update(grads, state.opt_state, state.trainable, **step_extras)
         fvp = fisher.fisher_vector_product(_model_fn(model), *args,
                                            loss_fn=_example_loss(model))
-        shares = fisher.squared_norm_shares(direction, _leaf_group)
+        shares = fisher.squared_norm_shares(direction, module_group)
         return {"gamma": fisher.gamma_relative_to_sgd(direction, grads, fvp),
                 "imbalance": fisher.gradient_norm_imbalance(extras["per_sample_grads"]),
                 "step_curvature": fisher.curvature_along(direction, fvp),
                 **{f"share_{name}": v for name, v in sorted(shares.items())}}
 
     return diagnose
-
-
-def _leaf_group(path: tuple) -> str:
-    """The group of a trainable leaf: its PEFT module (``lora_A``, ``lora_B``,
-    an adapter's ``down`` or ``up``) wherever it sits, else the top-level
-    module that holds it (the head: ``classifier``)."""
-    for name in reversed(path[:-1]):
-        if name in ("lora_A", "lora_B", "down", "up"):
-            return name
-    return path[0]
 
 
 # per-example forms for kfac_jax_peft.fisher (the frozen weights broadcast)

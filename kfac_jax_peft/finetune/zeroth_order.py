@@ -48,7 +48,7 @@ import numpy as np
 import optax
 
 from kfac_jax_peft import zeroth_order as Z
-from kfac_jax_peft.clipping import clipped
+from kfac_jax_peft.clipping import CLIP_SCOPES, clipped
 from kfac_jax_peft.finetune.config import TrainConfig
 
 #: A leaf's layer: ``encoder/layer_3/...`` (BERT, RoBERTa) or
@@ -171,7 +171,7 @@ def zeroth_order_optimizer(cfg: TrainConfig) -> optax.GradientTransformationExtr
     from kfac_jax_peft.finetune.optim import learning_rate_schedule
 
     zo_lr = zo_learning_rate_schedule(cfg)
-    clip = clipped(optax.identity(), cfg.clip, cfg.max_norm)
+    clip = clipped(optax.identity(), cfg.clip, cfg.max_norm, group=CLIP_SCOPES[cfg.clip_scope])
     name = cfg.optimizer
     if name == "mezo":
         return optax.chain(clip, _sgd(cfg, zo_lr))

@@ -45,6 +45,8 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from kfac_jax_peft.clipping import path_names
+
 _HP = jax.lax.Precision.HIGHEST
 
 
@@ -121,18 +123,11 @@ def squared_norm_shares(tree, group: Callable[[tuple], str]) -> dict:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     sums: dict[str, jax.Array] = {}
     for path, leaf in flat:
-        name = group(tuple(_key_name(k) for k in path))
+        name = group(path_names(path))
         sq = jnp.sum(jnp.square(leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))))
         sums[name] = sums.get(name, 0.0) + sq
     total = sum(sums.values())
     return {name: sq / total for name, sq in sums.items()}
-
-
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
 
 
 def gamma_relative_to_sgd(update, grads, fvp: Callable) -> jax.Array:
