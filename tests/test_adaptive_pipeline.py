@@ -1,5 +1,5 @@
-"""Relative damping, adaptive damping and the quadratic-model step in the pipeline, on the
-tiny random BERT: end to end, logged, and resumed bit-identically."""
+"""Relative damping, adaptive damping, the quadratic-model step and the clip by group in
+the pipeline, on the tiny random BERT: end to end, logged, and resumed bit-identically."""
 
 from __future__ import annotations
 
@@ -39,10 +39,13 @@ def _cfg(folders, out, **kw) -> TrainConfig:
 
 def test_adaptive_options_train_log_and_resume_bit_identically(folders, tmp_path):
     data = load_data(_cfg(folders, tmp_path))
-    full = train(_cfg(folders, tmp_path / "full"), data=data)
-    part = train(_cfg(folders, tmp_path / "resumed"), data=data, stop_after=3)
+    # the Newton-step clip of each layer on its own, inside the adaptive chain
+    full = train(_cfg(folders, tmp_path / "full", clip_scope="layer"), data=data)
+    part = train(_cfg(folders, tmp_path / "resumed", clip_scope="layer"), data=data,
+                 stop_after=3)
     assert part.steps == 3
-    resumed = train(_cfg(folders, tmp_path / "resumed"), data=data, resume=True)
+    resumed = train(_cfg(folders, tmp_path / "resumed", clip_scope="layer"), data=data,
+                    resume=True)
     for a, b in zip(jax.tree_util.tree_leaves(full.trainable),
                     jax.tree_util.tree_leaves(resumed.trainable)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -62,12 +65,13 @@ def test_adaptive_options_train_log_and_resume_bit_identically(folders, tmp_path
 def test_each_option_alone(folders, tmp_path):
     data = load_data(_cfg(folders, tmp_path))
     for i, kw in enumerate((dict(adaptive_step=False, learning_rate=0.05,
-                                 damping_scale="relative", damping=1e-2),
+                                 damping_scale="relative", damping=1e-2, clip_scope="module"),
                             dict(adaptive_damping=False))):
         res = train(_cfg(folders, tmp_path / str(i), steps=3, eval_every=3, **kw), data=data)
         recs = [r for r in read_log(res.output_dir) if r["kind"] == "train"]
         assert all(math.isfinite(r["loss"]) for r in recs)
         assert ("damping" in recs[0]) == kw.get("adaptive_damping", True)
+        assert all(0 <= r["clip_rate"] <= 1 for r in recs)
         assert ("alpha" in recs[0]) == kw.get("adaptive_step", True)
 
 
@@ -78,5 +82,9 @@ def test_adaptive_options_are_refused_where_they_cannot_run(folders, tmp_path):
         _cfg(folders, tmp_path, devices=2, batch_size=8)
     with pytest.raises(ConfigError, match="damping_scale"):
         _cfg(folders, tmp_path, damping_scale="trace")
+    with pytest.raises(ConfigError, match="clip_scope must be one of"):
+        _cfg(folders, tmp_path, clip_scope="leaf")
+    with pytest.raises(ConfigError, match="clip_scope must be 'global' with clip 'none'"):
+        _cfg(folders, tmp_path, clip="none", clip_scope="module")
     with pytest.raises(ConfigError, match="damping_scale"):  # the step's model is absolute
         _cfg(folders, tmp_path, damping_scale="relative")
