@@ -23,7 +23,8 @@ from tiny_checkpoint import make_rte_folder, make_tiny_bert  # noqa: E402
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("adaptive")
-    return make_tiny_bert(str(root / "tiny-bert")), make_rte_folder(str(root / "glue"))
+    return (make_tiny_bert(str(root / "tiny-bert"), num_layers=1),
+            make_rte_folder(str(root / "glue")))
 
 
 def _cfg(folders, out, **kw) -> TrainConfig:

@@ -51,7 +51,7 @@ def _free_port() -> int:
 
 
 def test_two_processes_of_two_devices_match_one_process(tmp_path):
-    model = make_tiny_bert(str(tmp_path / "tiny-bert"))
+    model = make_tiny_bert(str(tmp_path / "tiny-bert"), num_layers=1)
     data = make_rte_folder(str(tmp_path / "glue"))
     out = tmp_path / "job"
     flags = _flags(dict(SETTINGS, model=model, data_dir=data, output_dir=out, devices=2))

@@ -264,7 +264,8 @@ def folders(tmp_path_factory):
     from tiny_checkpoint import make_rte_folder, make_tiny_bert
 
     root = tmp_path_factory.mktemp("sophia")
-    return make_tiny_bert(str(root / "tiny-bert")), make_rte_folder(str(root / "glue"))
+    return (make_tiny_bert(str(root / "tiny-bert"), num_layers=1),
+            make_rte_folder(str(root / "glue")))
 
 
 def test_pipeline_trains_logs_clip_fraction_and_resumes_bit_for_bit(folders, tmp_path):

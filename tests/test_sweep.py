@@ -25,7 +25,8 @@ from kfac_jax_peft.finetune.tasks import padded_lengths  # noqa: E402
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    return make_tiny_bert(str(root / "tiny-bert")), make_rte_folder(str(root / "glue"))
+    return (make_tiny_bert(str(root / "tiny-bert"), num_layers=1),
+            make_rte_folder(str(root / "glue")))
 
 
 def _cfg(folders, out, **kw) -> TrainConfig:
