@@ -158,3 +158,13 @@ def test_squared_norm_shares_by_group():
                                [5 / 30, 9 / 30, 16 / 30], rtol=1e-6)
     merged = fisher.squared_norm_shares(tree, lambda path: "all")
     np.testing.assert_allclose(merged["all"], 1.0, rtol=1e-6)
+
+
+def test_gamma_and_curvature_from_one_product_equal_the_separate_indicators(problem):
+    params, model, loss, args, Fd, unravel, g = problem
+    with jax.enable_x64(True):
+        fvp = jax.jit(fisher.fisher_vector_product(model, params, *args, loss_fn=loss))
+        u = unravel(np.random.default_rng(2).normal(size=Fd.shape[0]))
+        gamma, curvature = fisher.gamma_and_curvature(u, g, fvp)
+        np.testing.assert_allclose(gamma, fisher.gamma_relative_to_sgd(u, g, fvp), rtol=1e-12)
+        np.testing.assert_allclose(curvature, fisher.curvature_along(u, fvp), rtol=1e-12)

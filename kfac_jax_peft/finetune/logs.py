@@ -4,10 +4,10 @@ Records have a ``"kind"``: ``"train"`` (``step``, ``loss``, ``lr``,
 ``clip_rate``, ``update_norm``, ``wall_clock``: seconds of training so far
 as a :class:`Stopwatch` counts them, compilation, evaluation, diagnostics
 and checkpointing excluded; with Sophia also ``clip_fraction``, the
-fraction of coordinates its per-coordinate clip cut at the log step; the
+fraction of coordinates its per-coordinate clip cut at the log step;
 ``log_gamma`` adds ``gamma``, ``imbalance``, ``step_curvature`` and
-``share_<module>`` (see :func:`kfac_jax_peft.finetune.steps._make_diagnose`); the
-zeroth-order arms add ``zo_lr`` (LoHO) and HiZOO's ``sigma_min``,
+``share_<module>`` (see :func:`kfac_jax_peft.finetune.steps._make_diagnose`);
+the zeroth-order arms add ``zo_lr`` (LoHO) and HiZOO's ``sigma_min``,
 ``sigma_median``, ``sigma_max``, see
 :mod:`kfac_jax_peft.finetune.zeroth_order`), ``"eval"`` (``step``, ``split``,
 ``wall_clock`` and the task's metrics), ``"summary"``, and the loop's

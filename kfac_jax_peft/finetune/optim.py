@@ -111,8 +111,7 @@ def _chain(cfg: TrainConfig, h: dict, input_groups, always_decay: bool
     """The chain of :func:`build_optimizer` with hyperparameter values ``h``."""
     lr = learning_rate_schedule(cfg, h["learning_rate"])
     if cfg.optimizer == "adamw":
-        return optax.chain(clipped(optax.identity(), cfg.clip, h["max_norm"],
-                           group=CLIP_SCOPES[cfg.clip_scope]),
+        return optax.chain(_clipped(cfg, h, optax.identity()),
                            optax.adamw(lr, weight_decay=h["weight_decay"], mask=decay_mask))
     if cfg.optimizer == "sophia":
         return _sophia_chain(cfg, h, lr)
@@ -120,13 +119,16 @@ def _chain(cfg: TrainConfig, h: dict, input_groups, always_decay: bool
     tail = ([optax.add_decayed_weights(h["weight_decay"], decay_mask)] if decays else []) \
         + [optax.scale_by_learning_rate(lr)]
     if cfg.optimizer == "sgd":
-        return optax.chain(clipped(optax.identity(), cfg.clip, h["max_norm"],
-                           group=CLIP_SCOPES[cfg.clip_scope]), *tail)
+        return optax.chain(_clipped(cfg, h, optax.identity()), *tail)
     preconditioner = _preconditioner(cfg, h, input_groups)
     if cfg.adaptive_damping or cfg.adaptive_step:
         return _adaptive_chain(cfg, h, preconditioner, tail[:-1], lr)
-    return optax.chain(clipped(preconditioner, cfg.clip, h["max_norm"],
-                           group=CLIP_SCOPES[cfg.clip_scope]), *tail)
+    return optax.chain(_clipped(cfg, h, preconditioner), *tail)
+
+
+def _clipped(cfg: TrainConfig, h: dict, preconditioner) -> optax.GradientTransformation:
+    """``preconditioner`` with the configured clip (place, threshold, scope)."""
+    return clipped(preconditioner, cfg.clip, h["max_norm"], group=CLIP_SCOPES[cfg.clip_scope])
 
 
 def _adaptive_chain(cfg: TrainConfig, h: dict, preconditioner, decay: list, lr):
@@ -146,8 +148,7 @@ def _adaptive_chain(cfg: TrainConfig, h: dict, preconditioner, decay: list, lr):
     eta = None if cfg.adaptive_damping else h["damping"]
     step = (adaptive.scale_by_quadratic_model(lr, damping=eta, every=cfg.adaptive_every)
             if cfg.adaptive_step else optax.scale_by_learning_rate(lr))
-    inner = optax.chain(clipped(preconditioner, cfg.clip, h["max_norm"],
-                           group=CLIP_SCOPES[cfg.clip_scope]), *decay, step)
+    inner = optax.chain(_clipped(cfg, h, preconditioner), *decay, step)
     if not cfg.adaptive_damping:
         return inner
     return adaptive.adaptive_damping(inner, h["damping"], every=cfg.adaptive_every)
@@ -176,7 +177,6 @@ def _sophia_chain(cfg: TrainConfig, h: dict, lr: optax.Schedule
     if cfg.clip == "post":
         raise ValueError("optimizer='sophia' supports clip='pre' (gradient clipping) or "
                          "'none'; Sophia clips each coordinate of its step itself")
-    return optax.chain(clipped(optax.identity(), cfg.clip, h["max_norm"],
-                           group=CLIP_SCOPES[cfg.clip_scope]),
+    return optax.chain(_clipped(cfg, h, optax.identity()),
                        sophia_arm(cfg, lr, decay_mask,
                                   weight_decay=h["weight_decay"]))

@@ -289,9 +289,10 @@ def _make_diagnose(model: TaskModel, tx: optax.GradientTransformation,
         fvp = fisher.fisher_vector_product(_model_fn(model), *args,
                                            loss_fn=_example_loss(model))
         shares = fisher.squared_norm_shares(direction, module_group)
-        return {"gamma": fisher.gamma_relative_to_sgd(direction, grads, fvp),
+        gamma, curvature = fisher.gamma_and_curvature(direction, grads, fvp)
+        return {"gamma": gamma,
                 "imbalance": fisher.gradient_norm_imbalance(extras["per_sample_grads"]),
-                "step_curvature": fisher.curvature_along(direction, fvp),
+                "step_curvature": curvature,
                 **{f"share_{name}": v for name, v in sorted(shares.items())}}
 
     return diagnose

@@ -13,7 +13,8 @@
   :func:`influence_top_k`;
 * :func:`fisher_vector_product`, :func:`gamma`, :func:`gamma_relative_to_sgd`,
   :func:`gradient_norm_imbalance`: the paper's indicators;
-  :func:`curvature_along`, :func:`squared_norm_shares`: where a step goes.
+  :func:`curvature_along`, :func:`gamma_and_curvature`,
+  :func:`squared_norm_shares`: where a step goes.
 
 Reference: Wu et al., "An Improved Empirical Fisher Approximation for
 Natural Gradient Descent", NeurIPS 2024, and its supporting material.
@@ -23,6 +24,7 @@ from kfac_jax_peft.fisher.diagnostics import (
     curvature_along,
     fisher_vector_product,
     gamma,
+    gamma_and_curvature,
     gamma_ratios,
     gamma_relative_to_sgd,
     gradient_norm_imbalance,
@@ -57,6 +59,7 @@ __all__ = [
     "fisher_vector_product",
     "gamma",
     "curvature_along",
+    "gamma_and_curvature",
     "squared_norm_shares",
     "gamma_ratios",
     "gamma_relative_to_sgd",

@@ -115,6 +115,15 @@ def curvature_along(update, fvp: Callable) -> jax.Array:
     return _vdot(update, fvp(update)) / _vdot(update, update)
 
 
+def gamma_and_curvature(update, grads, fvp: Callable) -> tuple[jax.Array, jax.Array]:
+    """``(gamma_relative_to_sgd(u, g), curvature_along(u))`` from one product
+    ``F u`` (and one ``F g``) instead of two of each."""
+    quad = _vdot(update, fvp(update))
+    relative = (jnp.sqrt(jnp.abs(quad)) / jnp.abs(_vdot(update, grads))) / gamma(grads, grads,
+                                                                                 fvp)
+    return relative, quad / _vdot(update, update)
+
+
 def squared_norm_shares(tree, group: Callable[[tuple], str]) -> dict:
     """``{name: ||u_name||^2 / ||u||^2}``: the share of the squared norm of
     ``tree`` in each group of leaves, ``group(path)`` naming the group of
